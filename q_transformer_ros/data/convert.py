@@ -1,0 +1,707 @@
+"""Recorded bags -> replay dataset (``convert_bag``), per the robot contract.
+
+Per bag, in a worker process:
+1. open it (any rosbag2 / ROS 1 form) and check every contract topic is there with the right type;
+2. pass 1 reads the small topics (action sources, instruction, success, episode markers) and cuts the
+   bag into episode spans (whole bag, episode topic or time gaps; an instruction change or a success
+   message also ends a span);
+3. builds the step clock per span and the action per step (``sync.py``);
+4. pass 2 streams the camera topics and decodes only frames that some step selects, with the same
+   ``frame_from_msg`` the policy node uses;
+5. drops stale steps (reported with reasons), splits a span where a gap was dropped, labels success.
+The parent writes all episodes of all bags in ONE dataset transaction: a failure anywhere leaves the
+output dataset as it was. Episode ids are ``<bag identity>:<span>:<run>``, so a re-run skips bags
+already converted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import shutil
+import sys
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from q_transformer_ros.data.bag_reader import BagError, BagInfo, BagReader, bag_name, find_bags
+from q_transformer_ros.data.contract import (
+    INSTRUCTION_MSG_TYPES, SUCCESS_MSG_TYPES, ContractError, RobotContract, load_contract,
+)
+from q_transformer_ros.data.image import ImageError, frame_from_msg
+from q_transformer_ros.data.labels import Labels, LabelsError, load_labels
+from q_transformer_ros.data.messages import FieldError, group_dims_by_topic, read_field
+from q_transformer_ros.data.sync import (
+    NS, AgeStats, DimStream, LatestFrameSelector, actions_for_steps, step_times, valid_runs,
+)
+
+UNLABELED_CHOICES = ("refuse", "failure", "skip")
+ON_ERROR_CHOICES = ("abort", "skip")
+
+
+class ConvertError(ValueError):
+    """A conversion that cannot go on; names the bag / topic / field / option."""
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration and results
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class EpisodeSplit:
+    """How a bag is cut into episodes (before instruction changes and success messages cut further)."""
+
+    mode: str = "bag"
+    """``bag``: one episode per bag; ``topic``: messages on ``topic`` mark episodes; ``gap``: a pause
+    longer than ``gap_s`` in the action topics ends an episode."""
+    topic: str | None = None
+    """Episode marker topic (mode ``topic``): std_msgs/Bool True starts and False ends an episode;
+    any other message type starts a new episode at each message."""
+    gap_s: float = 0.0
+    """Pause length that separates episodes (mode ``gap``)."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("bag", "topic", "gap"):
+            raise ConvertError(f"--episode-split: mode {self.mode!r} unknown; use bag, topic:<topic> or gap:<seconds>")
+        if self.mode == "topic" and not self.topic:
+            raise ConvertError("--episode-split topic:<topic> needs a topic name")
+        if self.mode == "gap" and not (self.gap_s > 0 and math.isfinite(self.gap_s)):
+            raise ConvertError(f"--episode-split gap:<seconds> needs seconds > 0, got {self.gap_s!r}")
+
+    @classmethod
+    def parse(cls, text: str) -> "EpisodeSplit":
+        if text == "bag":
+            return cls("bag")
+        kind, sep, arg = text.partition(":")
+        if kind == "topic" and sep:
+            return cls("topic", topic=arg)
+        if kind == "gap" and sep:
+            try:
+                return cls("gap", gap_s=float(arg))
+            except ValueError:
+                raise ConvertError(f"--episode-split {text!r}: {arg!r} is not a number of seconds") from None
+        raise ConvertError(f"--episode-split {text!r}: use bag, topic:<topic> or gap:<seconds>")
+
+
+@dataclass(frozen=True)
+class ConvertConfig:
+    """Everything a worker needs to convert one bag (picklable)."""
+
+    contract: RobotContract
+    """The robot contract: topics, fields, camera sizes, control rate."""
+    instruction: str | None = None
+    """Instruction for every episode; overrides the instruction topic and bag metadata."""
+    success: bool | None = None
+    """--success / --failure: label every episode the labels file does not label."""
+    labels: Labels | None = None
+    """Per-bag labels (highest priority)."""
+    unlabeled: str = "refuse"
+    """Episodes with no label at all: ``refuse`` (error), ``failure`` (label False) or ``skip``."""
+    split: EpisodeSplit = field(default_factory=EpisodeSplit)
+    """How bags are cut into episodes."""
+    max_frame_age_s: float | None = None
+    """Frames older than this at a step make it stale (default: the contract's ``max_frame_age_s``)."""
+    max_action_age_s: float | None = None
+    """If set, a command older than this at a step end makes the step stale (default: commands hold)."""
+    min_steps: int = 1
+    """Episodes (runs of valid steps) shorter than this are dropped."""
+    known_bags: frozenset[str] = frozenset()
+    """Bag identities already in the output dataset: such bags are skipped without decoding."""
+
+    def __post_init__(self) -> None:
+        if self.unlabeled not in UNLABELED_CHOICES:
+            raise ConvertError(f"--unlabeled {self.unlabeled!r}: use one of {UNLABELED_CHOICES}")
+        if self.max_frame_age_s is not None and not self.max_frame_age_s > 0:
+            raise ConvertError(f"--max-frame-age {self.max_frame_age_s!r}: must be > 0 seconds")
+        if self.max_action_age_s is not None and not self.max_action_age_s > 0:
+            raise ConvertError(f"--max-action-age {self.max_action_age_s!r}: must be > 0 seconds")
+        if not (isinstance(self.min_steps, int) and self.min_steps >= 1):
+            raise ConvertError(f"--min-steps {self.min_steps!r}: must be an integer >= 1")
+        if self.instruction is not None and not self.instruction.strip():
+            raise ConvertError("--instruction: empty text")
+
+    @property
+    def frame_age_limit_s(self) -> float:
+        return self.max_frame_age_s if self.max_frame_age_s is not None else self.contract.max_frame_age_s
+
+
+@dataclass
+class ConvertedEpisode:
+    """One episode as a worker hands it to the parent (kept free of the dataset module so workers stay light)."""
+
+    frames: dict[str, np.ndarray]
+    actions: np.ndarray
+    success: bool
+    terminal: bool | None
+    instruction: str | None
+    source_id: str
+    metadata: dict[str, Any]
+
+
+@dataclass
+class BagReport:
+    """What happened to one bag, for the final table (and ``--report-json``)."""
+
+    bag: str
+    status: str = "converted"
+    """converted | already in dataset | error | no episodes"""
+    identity: str = ""
+    episodes: int = 0
+    successes: int = 0
+    steps: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    """Reason -> number of steps dropped."""
+    frame_age_p50_s: dict[str, float] = field(default_factory=dict)
+    frame_age_p99_s: dict[str, float] = field(default_factory=dict)
+    action_min: list[float] = field(default_factory=list)
+    action_max: list[float] = field(default_factory=list)
+    clipped: dict[str, int] = field(default_factory=dict)
+    """Action dim -> steps whose action lies outside the contract range (clipped into the edge bins)."""
+    instructions: list[str] = field(default_factory=list)
+    error: str = ""
+
+
+@dataclass
+class BagResult:
+    report: BagReport
+    episodes: list[ConvertedEpisode]
+
+
+@dataclass
+class Span:
+    """A time window of a bag that becomes one episode (or several, if stale steps cut it)."""
+
+    start_ns: int
+    end_ns: int
+    instruction: str | None = None
+    success: bool | None = None
+    ended_by_success: bool = False
+
+
+# ---------------------------------------------------------------------------------------------
+# pass 1: small topics -> spans and action streams
+# ---------------------------------------------------------------------------------------------
+
+def _check_topics(bag: BagReader, cfg: ConvertConfig) -> None:
+    c = cfg.contract
+    for cam in c.cameras:
+        bag.require_topic(cam.topic, (cam.msg_type,), f"camera '{cam.name}'")
+    for group in group_dims_by_topic(c.action_dims, "source"):
+        dims = ", ".join(c.action_dims[i].name for i in group.dim_indices)
+        bag.require_topic(group.topic, (group.msg_type,), f"action ({dims}) source")
+    info = bag.info
+    assert info is not None
+    if c.instruction.topic and c.instruction.topic in info.topics and cfg.instruction is None:
+        bag.require_topic(c.instruction.topic, INSTRUCTION_MSG_TYPES, "instruction")
+    if c.success.topic and c.success.topic in info.topics:
+        bag.require_topic(c.success.topic, SUCCESS_MSG_TYPES, "success")
+    if cfg.split.mode == "topic":
+        if cfg.split.topic not in info.topics:
+            raise BagError(f"{bag.path}: episode topic {cfg.split.topic} (--episode-split) is not in the bag; "
+                           f"the bag has: {info.describe_topics()}")
+
+
+def _read_small_topics(bag: BagReader, cfg: ConvertConfig) -> tuple[list[DimStream], list[tuple[int, str]], list[tuple[int, bool]], list[tuple[int, Any]]]:
+    """Pass 1: per-dim value streams, instruction events, success events, episode marker events."""
+    c = cfg.contract
+    info = bag.info
+    assert info is not None
+    groups = group_dims_by_topic(c.action_dims, "source")
+    ins_topic = c.instruction.topic if (c.instruction.topic in info.topics and cfg.instruction is None) else None
+    suc_topic = c.success.topic if c.success.topic in info.topics else None
+    ep_topic = cfg.split.topic if cfg.split.mode == "topic" else None
+    topics = [g.topic for g in groups] + [t for t in (ins_topic, suc_topic, ep_topic) if t]
+    dim_t: list[list[int]] = [[] for _ in c.action_dims]
+    dim_v: list[list[float]] = [[] for _ in c.action_dims]
+    first_error: list[str | None] = [None] * len(c.action_dims)
+    instructions: list[tuple[int, str]] = []
+    successes: list[tuple[int, bool]] = []
+    markers: list[tuple[int, Any]] = []
+    by_topic = {g.topic: g for g in groups}
+    for topic, t, raw in bag.messages(list(dict.fromkeys(topics))):
+        msg = bag.deserialize(raw, topic)
+        group = by_topic.get(topic)
+        if group is not None:
+            for i, ref in zip(group.dim_indices, group.refs):
+                try:
+                    v = read_field(msg, ref)
+                except FieldError as e:  # e.g. a JointState holding only the gripper joint
+                    first_error[i] = first_error[i] or str(e)
+                    continue
+                dim_t[i].append(t)
+                dim_v[i].append(v)
+        if topic == ins_topic:
+            instructions.append((t, str(msg.data)))
+        if topic == suc_topic:
+            successes.append((t, bool(msg.data)))
+        if topic == ep_topic:
+            markers.append((t, msg))
+    streams = []
+    for i, d in enumerate(c.action_dims):
+        if not dim_t[i]:
+            why = first_error[i] or "no messages"
+            raise BagError(f"{bag.path}: action dim '{d.name}': no value read from topic {d.source.topic} field "
+                           f"'{d.source.field}': {why}")
+        times = np.asarray(dim_t[i], dtype=np.int64)
+        order = np.argsort(times, kind="stable")
+        streams.append(DimStream(times[order], np.asarray(dim_v[i], dtype=np.float64)[order]))
+    return streams, instructions, successes, markers
+
+
+def _base_spans(info: BagInfo, streams: list[DimStream], markers: list[tuple[int, Any]], split: EpisodeSplit,
+                extra_times: Sequence[int] = ()) -> list[tuple[int, int]]:
+    if split.mode == "bag":
+        return [(info.start_ns, info.end_ns)]
+    if split.mode == "gap":  # pauses in the commands (instruction and success messages count as activity)
+        times = np.unique(np.concatenate([s.times_ns for s in streams] + [np.asarray(extra_times, np.int64)]))
+        cuts = np.flatnonzero(np.diff(times) > int(split.gap_s * NS))
+        starts = np.concatenate([[0], cuts + 1])
+        stops = np.concatenate([cuts, [len(times) - 1]])
+        spans = [(int(times[a]), int(times[b])) for a, b in zip(starts, stops)]
+        spans[0] = (min(spans[0][0], info.start_ns), spans[0][1])
+        spans[-1] = (spans[-1][0], max(spans[-1][1], info.end_ns))
+        return spans
+    # topic markers
+    if not markers:
+        raise BagError(f"{info.path}: episode topic {split.topic} has no messages")
+    if all(hasattr(m, "data") and isinstance(m.data, (bool, np.bool_)) for _, m in markers):
+        spans, start = [], None
+        for t, m in markers:
+            if bool(m.data) and start is None:
+                start = t
+            elif not bool(m.data) and start is not None:
+                spans.append((start, t))
+                start = None
+        if start is not None:
+            spans.append((start, info.end_ns))
+        return spans
+    times = [t for t, _ in markers]
+    bounds = [info.start_ns] + times + [info.end_ns]
+    return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+def _fallback_instruction(info: BagInfo, cfg: ConvertConfig) -> str | None:
+    if cfg.instruction is not None:
+        return cfg.instruction
+    meta = info.custom_data.get("instruction")
+    if meta:
+        return meta
+    return cfg.contract.instruction.fixed_text
+
+
+def build_spans(info: BagInfo, streams: list[DimStream], instructions: list[tuple[int, str]],
+                successes: list[tuple[int, bool]], markers: list[tuple[int, Any]], cfg: ConvertConfig,
+                dropped: Counter) -> list[Span]:
+    """Cut a bag into episode spans: base split, then instruction changes, then success messages."""
+    period = cfg.contract.control_period_s
+    fallback = _fallback_instruction(info, cfg)
+    spans: list[Span] = []
+    extra = [t for t, _ in instructions] + [t for t, _ in successes]
+    for start, end in _base_spans(info, streams, markers, cfg.split, extra):
+        # instruction in force at `start`, then cuts at every change inside the span
+        cur = None
+        for t, text in instructions:
+            if t <= start:
+                cur = text
+        pieces: list[tuple[int, int, str | None]] = []
+        piece_start = start
+        for t, text in instructions:
+            if start < t <= end and text != cur:
+                if t > piece_start:
+                    pieces.append((piece_start, t, cur))
+                piece_start, cur = t, text
+        pieces.append((piece_start, end, cur))
+        for a, b, text in pieces:
+            text = text if text is not None else fallback
+            if text is None and not cfg.contract.instruction.allow_none:
+                dropped["before first instruction"] += int((b - a) / NS / period)
+                continue
+            span = Span(a, b, instruction=text)
+            for t, ok in successes:
+                if a <= t <= b:
+                    if ok:
+                        dropped["after success"] += int((b - t) / NS / period)
+                        span.end_ns, span.success, span.ended_by_success = t, True, True
+                        break
+                    span.success = False
+            spans.append(span)
+    return spans
+
+
+def _label(span: Span, index: int, path: Path, cfg: ConvertConfig) -> bool | None:
+    """Labels file > --success/--failure > success topic > --unlabeled failure; None = unlabeled."""
+    if cfg.labels is not None:
+        lab = cfg.labels.lookup(path, index)
+        if lab is not None:
+            return lab
+    if cfg.success is not None:
+        return cfg.success
+    if span.success is not None:
+        return span.success
+    if cfg.unlabeled == "failure":
+        return False
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# one bag
+# ---------------------------------------------------------------------------------------------
+
+def convert_bag(path: str | Path, cfg: ConvertConfig) -> BagResult:
+    """Convert one bag into episodes (nothing is written here); raises BagError on bad input."""
+    path = Path(path)
+    report = BagReport(bag=str(path))
+    c = cfg.contract
+    period_ns = int(round(c.control_period_s * NS))
+    with BagReader(path) as bag:
+        info = bag.info
+        assert info is not None
+        report.identity = info.identity()
+        if report.identity in cfg.known_bags:
+            report.status = "already in dataset"
+            return BagResult(report, [])
+        _check_topics(bag, cfg)
+        streams, instructions, successes, markers = _read_small_topics(bag, cfg)
+        dropped: Counter = Counter()
+        spans = build_spans(info, streams, instructions, successes, markers, cfg, dropped)
+        labels = [_label(s, i, path, cfg) for i, s in enumerate(spans)]
+        if cfg.unlabeled == "refuse" and any(lab is None for lab in labels):
+            missing = [i for i, lab in enumerate(labels) if lab is None]
+            src = f"no message on {c.success.topic}" if c.success.topic else "the contract has no success topic"
+            raise BagError(
+                f"{path}: episode(s) {missing} have no success label ({src}, not in the labels file, no "
+                f"--success/--failure); pass --labels, --success/--failure or --unlabeled failure|skip"
+            )
+
+        span_steps: list[tuple[np.ndarray, np.ndarray]] = []
+        for span, lab in zip(spans, labels):
+            if lab is None:  # --unlabeled skip
+                n = int((span.end_ns - span.start_ns) / period_ns)
+                dropped["unlabeled (skipped)"] += n
+                span_steps.append((np.zeros(0, np.int64), np.zeros(0, np.int64)))
+                continue
+            # the episode starts once every camera and every command has data inside the span
+            firsts = [bag.first_time(cam.topic, span.start_ns) for cam in c.cameras]
+            for st in streams:
+                i = int(np.searchsorted(st.times_ns, span.start_ns, side="left"))
+                firsts.append(int(st.times_ns[i]) if i < len(st.times_ns) else None)
+            if any(t is None or t > span.end_ns for t in firsts):
+                dropped["a camera or command topic has no message in the episode"] += int((span.end_ns - span.start_ns) // period_ns)
+                span_steps.append((np.zeros(0, np.int64), np.zeros(0, np.int64)))
+                continue
+            t0 = max([span.start_ns] + firsts)
+            if t0 > span.start_ns:
+                dropped["before all topics started"] += int((t0 - span.start_ns) // period_ns)
+            starts = step_times(t0, span.end_ns, period_ns, include_partial=span.ended_by_success)
+            ends = np.minimum(starts + period_ns, span.end_ns)
+            span_steps.append((starts, ends))
+
+        all_starts = np.concatenate([s for s, _ in span_steps]) if span_steps else np.zeros(0, np.int64)
+        frames, frame_t = _select_frames(bag, cfg, all_starts)
+
+    # actions and validity per span -> episodes
+    episodes: list[ConvertedEpisode] = []
+    ages = {cam.name: AgeStats() for cam in c.cameras}
+    all_actions = []
+    limit_ns = int(cfg.frame_age_limit_s * NS)
+    offset = 0
+    for si, (span, lab, (starts, ends)) in enumerate(zip(spans, labels, span_steps)):
+        k = len(starts)
+        sl = slice(offset, offset + k)
+        offset += k
+        if k == 0:
+            continue
+        valid = np.ones(k, dtype=bool)
+        reasons = np.full(k, "", dtype=object)
+        for cam in c.cameras:
+            ft = frame_t[cam.name][sl]
+            age = starts - ft
+            none = ft < 0
+            stale = ~none & (age > limit_ns)
+            reasons[none & valid] = f"no frame yet from camera '{cam.name}'"
+            valid &= ~none
+            reasons[stale & valid] = f"stale frame from camera '{cam.name}' (> {cfg.frame_age_limit_s:g} s)"
+            valid &= ~stale
+        actions = np.zeros((k, c.num_action_dims), dtype=np.float64)
+        for i, (d, stream) in enumerate(zip(c.action_dims, streams)):
+            sa = actions_for_steps(stream, starts, ends, d.mode)
+            actions[:, i] = sa.values
+            reasons[~sa.valid & valid] = f"no command for '{d.name}' on {d.source.topic}"
+            valid &= sa.valid
+            if cfg.max_action_age_s is not None:
+                stale = sa.age_ns > int(cfg.max_action_age_s * NS)
+                reasons[stale & valid] = f"stale command for '{d.name}' on {d.source.topic} (> {cfg.max_action_age_s:g} s)"
+                valid &= ~stale
+        for r in reasons[~valid]:
+            dropped[r] += 1
+        runs = valid_runs(valid)
+        for ri, (a, b) in enumerate(runs):
+            if b - a < cfg.min_steps:
+                dropped[f"episode shorter than {cfg.min_steps} steps"] += b - a
+                continue
+            last = ri == len(runs) - 1
+            success = bool(lab) if last else False
+            idx = np.arange(offset - k + a, offset - k + b)
+            ep_frames = {name: frames[name][idx] for name in frames}
+            for cam in c.cameras:
+                ages[cam.name].add(starts[a:b] - frame_t[cam.name][idx])
+            acts = actions[a:b].astype(np.float32)
+            all_actions.append(acts)
+            episodes.append(ConvertedEpisode(
+                frames=ep_frames, actions=acts, success=success, terminal=None if last else False,
+                instruction=span.instruction, source_id=f"{report.identity}:{si}:{ri}",
+                metadata={"bag": str(path), "bag_name": bag_name(path), "episode_index": si, "run": ri,
+                          "start_ns": int(starts[a]), "end_ns": int(ends[b - 1]),
+                          "control_rate_hz": c.control_rate_hz},
+            ))
+
+    report.episodes = len(episodes)
+    report.successes = sum(e.success for e in episodes)
+    report.steps = sum(len(e.actions) for e in episodes)
+    report.dropped = {k: int(v) for k, v in dropped.items() if v}
+    report.frame_age_p50_s = {n: a.percentile(50) for n, a in ages.items()}
+    report.frame_age_p99_s = {n: a.percentile(99) for n, a in ages.items()}
+    report.instructions = sorted({e.instruction for e in episodes if e.instruction is not None})
+    if all_actions:
+        acts = np.concatenate(all_actions)
+        report.action_min = acts.min(axis=0).tolist()
+        report.action_max = acts.max(axis=0).tolist()
+        for i, d in enumerate(c.action_dims):
+            n = int(((acts[:, i] < d.low) | (acts[:, i] > d.high)).sum())
+            if n:
+                report.clipped[d.name] = n
+    if not episodes:
+        report.status = "no episodes"
+    return BagResult(report, episodes)
+
+
+def _select_frames(bag: BagReader, cfg: ConvertConfig, steps_ns: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Pass 2: stream camera topics, decode the frames the steps select -> (frames, frame times)."""
+    c = cfg.contract
+    k = len(steps_ns)
+    frames = {cam.name: np.zeros((k, 3, cam.height, cam.width), dtype=np.uint8) for cam in c.cameras}
+    frame_t = {cam.name: np.full(k, -1, dtype=np.int64) for cam in c.cameras}
+    if k == 0:
+        return frames, frame_t
+    cams = {cam.topic: cam for cam in c.cameras}
+    selectors = {cam.topic: LatestFrameSelector(steps_ns) for cam in c.cameras}
+    decoded: dict[str, tuple[int, np.ndarray] | None] = {t: None for t in cams}
+
+    def assign(topic: str, picks: Iterator[tuple[int, int, Any]]) -> None:
+        cam = cams[topic]
+        for step, t_frame, raw in picks:
+            last = decoded[topic]
+            if last is None or last[0] != t_frame:
+                msg = bag.deserialize(raw, topic)
+                where = f"{bag.path}: camera '{cam.name}' topic {topic} message at t={t_frame / NS:.3f}s"
+                last = (t_frame, frame_from_msg(msg, cam, where=where))
+                decoded[topic] = last
+            frames[cam.name][step] = last[1]
+            frame_t[cam.name][step] = t_frame
+
+    last_step = int(steps_ns[-1])
+    for topic, t, raw in bag.messages(list(cams)):
+        assign(topic, selectors[topic].push(t, raw))
+        if t > last_step and all(s.done for s in selectors.values()):
+            break
+    for topic, sel in selectors.items():
+        assign(topic, sel.finish())
+    return frames, frame_t
+
+
+def _convert_job(job: tuple[str, ConvertConfig, bool]) -> BagResult:
+    """Worker entry: one bag; with on_error=skip a bad bag becomes an error report instead of raising."""
+    path, cfg, skip_errors = job
+    try:
+        return convert_bag(path, cfg)
+    except (BagError, ImageError, FieldError, LabelsError) as e:
+        if not skip_errors:
+            raise BagError(str(e)) from None
+        return BagResult(BagReport(bag=path, status="error", error=str(e)), [])
+
+
+# ---------------------------------------------------------------------------------------------
+# many bags -> one transaction
+# ---------------------------------------------------------------------------------------------
+
+def run_conversion(bags: Sequence[Path], out: Path, cfg: ConvertConfig, workers: int = 1,
+                   on_error: str = "abort", progress: bool = True) -> list[BagReport]:
+    """Convert ``bags`` into the dataset at ``out`` in one transaction; returns one report per bag.
+
+    On any error (with ``on_error='abort'``) the dataset is left exactly as it was, and a dataset
+    folder this call created is removed again.
+    """
+    from tqdm import tqdm
+
+    from q_transformer_ros.core.dataset import EpisodeData, ReplayWriter  # torch import: parent only
+
+    if on_error not in ON_ERROR_CHOICES:
+        raise ConvertError(f"--on-error {on_error!r}: use one of {ON_ERROR_CHOICES}")
+    out = Path(out)
+    created = not out.exists()
+    reports: list[BagReport] = []
+    try:
+        with ReplayWriter(out, cfg.contract, create_ok=True) as writer:
+            known = frozenset(s.split(":", 1)[0] for s in writer.manifest.source_ids() if s)
+            job_cfg = ConvertConfig(**{**{f: getattr(cfg, f) for f in cfg.__dataclass_fields__}, "known_bags": known})
+            jobs = [(str(b), job_cfg, on_error == "skip") for b in bags]
+            bar = tqdm(total=len(jobs), unit="bag", desc="convert_bag", disable=not progress, file=sys.stderr)
+            with writer.transaction() as tx:
+                for result in _results(jobs, workers):
+                    for ep in result.episodes:
+                        tx.add_episode(EpisodeData(
+                            frames=ep.frames, actions=ep.actions, success=ep.success, terminal=ep.terminal,
+                            instruction=ep.instruction, source_id=ep.source_id, metadata=ep.metadata,
+                        ))
+                    reports.append(result.report)
+                    bar.update(1)
+                    bar.set_postfix(steps=sum(r.steps for r in reports))
+            bar.close()
+    except BaseException:
+        if created and out.exists() and not _has_episodes(out):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    if created and not any(r.episodes for r in reports) and not _has_episodes(out):
+        shutil.rmtree(out, ignore_errors=True)
+    return reports
+
+
+def _has_episodes(out: Path) -> bool:
+    try:
+        return bool(json.loads((out / "manifest.json").read_text()).get("episodes"))
+    except (OSError, ValueError):
+        return False
+
+
+def _results(jobs: list[tuple[str, ConvertConfig, bool]], workers: int) -> Iterator[BagResult]:
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            yield _convert_job(job)
+        return
+    ctx = mp.get_context("spawn")  # no fork of a parent that may hold threads (tqdm, torch)
+    with ctx.Pool(min(workers, len(jobs))) as pool:
+        yield from pool.imap(_convert_job, jobs)
+
+
+# ---------------------------------------------------------------------------------------------
+# report and CLI
+# ---------------------------------------------------------------------------------------------
+
+def format_report(reports: Sequence[BagReport], contract: RobotContract) -> str:
+    """The final per-bag table plus warnings (drops, clipping, errors)."""
+    lines = []
+    header = f"{'bag':<32} {'status':<18} {'eps':>4} {'succ':>4} {'steps':>6} {'dropped':>7}  frame age p50/p99 (s)"
+    lines.append(header)
+    lines.append("-" * len(header))
+    for r in reports:
+        ages = " ".join(f"{n}={r.frame_age_p50_s.get(n, float('nan')):.3f}/{r.frame_age_p99_s.get(n, float('nan')):.3f}"
+                        for n in r.frame_age_p50_s)
+        name = Path(r.bag).name[-32:]
+        lines.append(f"{name:<32} {r.status:<18} {r.episodes:>4} {r.successes:>4} {r.steps:>6} "
+                     f"{sum(r.dropped.values()):>7}  {ages}")
+    lines.append("-" * len(header))
+    lines.append(f"{'total':<32} {'':<18} {sum(r.episodes for r in reports):>4} {sum(r.successes for r in reports):>4} "
+                 f"{sum(r.steps for r in reports):>6} {sum(sum(r.dropped.values()) for r in reports):>7}")
+    for r in reports:
+        name = Path(r.bag).name
+        if r.error:
+            lines.append(f"ERROR {name}: {r.error}")
+        for reason, n in sorted(r.dropped.items()):
+            lines.append(f"  {name}: dropped {n} step(s): {reason}")
+        if r.action_min:
+            for i, d in enumerate(contract.action_dims):
+                lo, hi = r.action_min[i], r.action_max[i]
+                if d.name in r.clipped:
+                    lines.append(f"  WARNING {name}: action '{d.name}' seen in [{lo:.4g}, {hi:.4g}], contract range "
+                                 f"[{d.low:g}, {d.high:g}]: {r.clipped[d.name]} step(s) will be clipped")
+    if any(r.action_min for r in reports):
+        lines.append("action range seen vs contract:")
+        mins = np.min([r.action_min for r in reports if r.action_min], axis=0)
+        maxs = np.max([r.action_max for r in reports if r.action_max], axis=0)
+        for i, d in enumerate(contract.action_dims):
+            flag = "  CLIPPED" if mins[i] < d.low or maxs[i] > d.high else ""
+            lines.append(f"  {d.name:<16} seen [{mins[i]:>9.4g}, {maxs[i]:>9.4g}]  contract [{d.low:>9.4g}, {d.high:>9.4g}]{flag}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="convert_bag",
+        description="Convert rosbag2 / ROS 1 recordings into a Q-Transformer replay dataset (one transaction: "
+                    "all bags or nothing; re-runs skip bags already converted).",
+    )
+    p.add_argument("inputs", nargs="+", help="bags: rosbag2 directories, .mcap/.db3/.bag files, or folders of bags")
+    p.add_argument("--out", required=True, type=Path, help="replay dataset folder (created, or appended to)")
+    p.add_argument("--contract", type=Path, help="robot contract YAML (default: the one inside an existing --out)")
+    p.add_argument("--instruction", help="instruction for every episode (overrides the instruction topic)")
+    p.add_argument("--labels", type=Path, help="CSV/YAML file: bag -> success")
+    lab = p.add_mutually_exclusive_group()
+    lab.add_argument("--success", dest="success", action="store_const", const=True, default=None,
+                     help="label every episode not in --labels a success")
+    lab.add_argument("--failure", dest="success", action="store_const", const=False,
+                     help="label every episode not in --labels a failure")
+    p.add_argument("--unlabeled", choices=UNLABELED_CHOICES, default="refuse",
+                   help="episodes with no label from any source: refuse (error, default), failure, or skip")
+    p.add_argument("--episode-split", default="bag", help="bag (default) | topic:<topic> | gap:<seconds>")
+    p.add_argument("--max-frame-age", type=float, default=None,
+                   help="seconds; older frames make a step stale (default: the contract's max_frame_age_s)")
+    p.add_argument("--max-action-age", type=float, default=None,
+                   help="seconds; older commands make a step stale (default: commands hold until replaced)")
+    p.add_argument("--min-steps", type=int, default=1, help="drop episodes shorter than this")
+    p.add_argument("--workers", type=int, default=1, help="parallel worker processes (one bag each)")
+    p.add_argument("--on-error", choices=ON_ERROR_CHOICES, default="abort",
+                   help="abort (default: write nothing) or skip bad bags and report them")
+    p.add_argument("--report-json", type=Path, help="also write the per-bag report as JSON here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _contract_from_dataset(out: Path) -> RobotContract:
+    from q_transformer_ros.core.dataset.format import read_manifest
+
+    return read_manifest(out).robot_contract(str(out / "manifest.json"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``convert_bag`` entry point; returns the exit status (0 ok, 1 conversion error)."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.contract is not None:
+            contract = load_contract(args.contract)
+        elif (args.out / "manifest.json").exists():
+            contract = _contract_from_dataset(args.out)
+        else:
+            raise ConvertError("--contract is required when --out is not an existing dataset")
+        bags = find_bags(args.inputs)
+        labels = load_labels(args.labels) if args.labels is not None else None
+        if labels is not None:
+            labels.check_bags_exist(bags)
+        cfg = ConvertConfig(
+            contract=contract, instruction=args.instruction, success=args.success, labels=labels,
+            unlabeled=args.unlabeled, split=EpisodeSplit.parse(args.episode_split),
+            max_frame_age_s=args.max_frame_age, max_action_age_s=args.max_action_age, min_steps=args.min_steps,
+        )
+        if args.workers < 1:
+            raise ConvertError(f"--workers {args.workers}: must be >= 1")
+        reports = run_conversion(bags, args.out, cfg, workers=args.workers, on_error=args.on_error,
+                                 progress=not args.no_progress)
+    except (ConvertError, BagError, LabelsError, ContractError, ImageError, FieldError) as e:
+        print(f"convert_bag: error: {e}", file=sys.stderr)
+        print(f"convert_bag: nothing written to {args.out}", file=sys.stderr)
+        return 1
+    except ValueError as e:  # DatasetError and friends: already name the dataset
+        print(f"convert_bag: error: {e}", file=sys.stderr)
+        return 1
+    print(format_report(reports, contract))
+    if args.report_json is not None:
+        args.report_json.write_text(json.dumps([asdict(r) for r in reports], indent=2))
+    return 0 if not any(r.status == "error" for r in reports) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
