@@ -1,0 +1,107 @@
+"""Small building blocks shared by the MaxViT, the history transformer and the action head.
+
+einops legend: ``b`` batch, ``n`` sequence (queries), ``m`` keys/values, ``h`` heads, ``d`` width,
+``c`` channels, ``x y`` window grid, ``w1 w2`` positions inside a window.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+
+class ChanRMSNorm(nn.Module):
+    """RMS norm over the channel axis of ``(b, c, h, w)`` maps: no batch statistics, so batch 1 at the
+    robot and DDP training behave the same."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + self.eps) * self.weight
+
+
+def chan_norm(channels: int, use_batchnorm: bool) -> nn.Module:
+    """The 2-D norm of MBConv: BatchNorm2d (the seed's) or the batch-free channel RMSNorm."""
+    return nn.BatchNorm2d(channels) if use_batchnorm else ChanRMSNorm(channels)
+
+
+class FiLM(nn.Module):
+    """Feature-wise linear modulation ``x * (1 + gamma(cond)) + beta(cond)``.
+
+    Zero-initialized so that an untrained conditioner leaves the features unchanged (the image
+    encoder starts as a plain MaxViT and learns how much the instruction should steer it)."""
+
+    def __init__(self, cond_dim: int, channels: int):
+        super().__init__()
+        self.to_gamma_beta = nn.Linear(cond_dim, channels * 2)
+        nn.init.zeros_(self.to_gamma_beta.weight)
+        nn.init.zeros_(self.to_gamma_beta.bias)
+
+    def forward(self, x: Tensor, cond: Tensor, channel_first: bool = False) -> Tensor:
+        """x ``(b, c, h, w)`` when ``channel_first`` else ``(b, ..., c)``; cond ``(b, cond_dim)``."""
+        gamma, beta = self.to_gamma_beta(cond).chunk(2, dim=-1)
+        if channel_first:
+            gamma, beta = (rearrange(t, "b c -> b c 1 1") for t in (gamma, beta))
+        else:
+            shape = (x.shape[0],) + (1,) * (x.ndim - 2) + (x.shape[-1],)
+            gamma, beta = gamma.reshape(shape), beta.reshape(shape)
+        return x * (1 + gamma) + beta
+
+
+class FeedForward(nn.Module):
+    """Pre-norm MLP; the norm is applied by the caller (so it can be FiLM-modulated)."""
+
+    def __init__(self, dim: int, mult: float = 4.0, dropout: float = 0.0):
+        super().__init__()
+        inner = int(dim * mult)
+        self.net = nn.Sequential(nn.Linear(dim, inner), nn.GELU(), nn.Dropout(dropout), nn.Linear(inner, dim), nn.Dropout(dropout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class Attention(nn.Module):
+    """Multi-head attention over SDPA (fused kernels on GPU), for self- and cross-attention.
+
+    Inputs are already normalized by the caller. ``kv_cache`` support: ``attend`` takes precomputed
+    ``k, v`` so the action head can keep the cross-attention K/V of the state for a whole decision
+    and append self-attention K/V one action token at a time."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, dim_context: int | None = None, dropout: float = 0.0):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.dropout = dropout
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim_context or dim, inner * 2, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def split(self, t: Tensor) -> Tensor:
+        return rearrange(t, "b n (h d) -> b h n d", h=self.heads)
+
+    def queries(self, x: Tensor) -> Tensor:
+        """x ``(b, n, dim)`` -> q ``(b, h, n, d)``."""
+        return self.split(self.to_q(x))
+
+    def keys_values(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """context ``(b, m, dim_context)`` -> k, v ``(b, h, m, d)``."""
+        k, v = self.to_kv(context).chunk(2, dim=-1)
+        return self.split(k), self.split(v)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
+        """q ``(b, h, n, d)``, k/v ``(b, h, m, d)``, mask ``(n, m)`` or ``(b, 1, n, m)`` bool (True = may
+        attend) -> ``(b, n, dim)``."""
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+
+    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None, causal: bool = False) -> Tensor:
+        k, v = self.keys_values(x if context is None else context)
+        return self.attend(self.queries(x), k, v, mask=mask, causal=causal)

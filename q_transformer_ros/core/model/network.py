@@ -1,0 +1,216 @@
+"""QTransformerNet: the bare Q-Transformer network (no preprocessing besides uint8 -> float).
+
+Pipeline: camera frames -> FiLM-conditioned MaxViT -> TokenLearner (K tokens per frame) ->
++camera/time embeddings -> block-causal history transformer (state tokens) -> autoregressive action
+head(s) with cross-attention to the state -> per-dim, per-bin Q logits.
+
+The split into ``encode_frames`` / ``encode_state`` / ``q_logits`` / ``decode`` exists for speed:
+the policy encodes each new frame once and keeps its tokens (streaming), a decision then runs only
+the history transformer and the head; the head decodes with a KV cache and computes the state's
+cross-attention K/V once.
+
+einops legend: ``b`` batch, ``c`` cameras, ``f`` frames (history), ``k`` TokenLearner tokens per
+frame, ``d`` token width D, ``t`` text width T, ``s`` state tokens (f c k), ``n`` action dims,
+``a`` action bins (A = max over dims), ``v`` value bins (HL-Gauss), ``q`` critics (1 or 2),
+``w`` beams, ``h w`` image height/width (in ``(b, 3, h, w)``).
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange, repeat
+from torch import Tensor, nn
+
+from ..hl_gauss import support_for
+from .action_head import ActionHead
+from .config import ModelConfig
+from .maxvit import MaxViT
+from .token_learner import TokenLearner
+from .transformer import HistoryTransformer, block_causal_mask, sincos_embedding
+
+
+class QTransformerNet(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.embed_dim
+        self.null_text = nn.Parameter(torch.randn(cfg.text_dim) * 0.02)
+        self.cond_net = nn.Sequential(nn.LayerNorm(cfg.text_dim), nn.Linear(cfg.text_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.vit = MaxViT(cfg, cond_dim=d)
+        self.token_learner = TokenLearner(d, cfg.tokens_per_frame)
+        self.camera_embed = nn.Parameter(torch.randn(cfg.num_cameras, d) * 0.02)
+        self.register_buffer("time_embed", sincos_embedding(cfg.frame_history, d) * 0.1, persistent=False)
+        self.history = HistoryTransformer(cfg, cond_dim=d)
+        bins = torch.tensor(cfg.action_bins)
+        bin_mask = torch.arange(cfg.max_bins)[None, :] < bins[:, None]
+        self.register_buffer("bin_mask", bin_mask, persistent=False)
+        """``(n, a)`` bool: True where bin a exists for dim n (dims with fewer bins than A)."""
+        self.heads = nn.ModuleList(ActionHead(cfg, bin_mask) for _ in range(cfg.num_critics))
+        if cfg.value_bins > 1:
+            self.register_buffer("value_centers", support_for(cfg.value_bins).centers(), persistent=False)
+
+    # -- conditioning -------------------------------------------------------------------------------
+    def condition(self, text_embed: Tensor | None, text_mask: Tensor | None, batch: int) -> Tensor:
+        """text ``(b, t)`` + mask ``(b,)`` (True = instruction given) -> FiLM condition ``(b, d)``.
+
+        Rows without an instruction use the learned null embedding (classifier-free conditioning)."""
+        null = self.null_text.expand(batch, -1)
+        if text_embed is None:
+            text = null
+        else:
+            if text_embed.shape != (batch, self.cfg.text_dim):
+                raise ValueError(f"text_embed has shape {tuple(text_embed.shape)}, expected ({batch}, {self.cfg.text_dim})")
+            text = text_embed.to(null.dtype)
+            if text_mask is not None:
+                text = torch.where(rearrange(text_mask.to(torch.bool), "b -> b 1"), text, null)
+        return self.cond_net(text)
+
+    # -- encoder ------------------------------------------------------------------------------------
+    def normalize(self, images: Tensor) -> Tensor:
+        """uint8 [0, 255] (or float [0, 1]) -> float in [-1, 1], done on the device."""
+        if images.dtype == torch.uint8:
+            images = images.float() / 255.0
+        return images.to(self.null_text.dtype) * 2.0 - 1.0
+
+    def encode_frames(self, images: Tensor, text_embed: Tensor | None, text_mask: Tensor | None = None) -> Tensor:
+        """images ``(b, 3, h, w)`` uint8 or float in [0, 1], text ``(b, t)``, mask ``(b,)`` -> tokens ``(b, k, d)``."""
+        h, w = self.cfg.image_size
+        if images.ndim != 4 or images.shape[1:] != (3, h, w):
+            raise ValueError(f"encode_frames: images have shape {tuple(images.shape)}, expected (batch, 3, {h}, {w})")
+        cond = self.condition(text_embed, text_mask, images.shape[0])
+        feats = self.vit(self.normalize(images), cond)
+        return self.token_learner(feats)
+
+    def encode_state(self, frame_tokens: Tensor, text_embed: Tensor | None, text_mask: Tensor | None = None) -> Tensor:
+        """frame_tokens ``(b, f, c*k, d)`` (oldest frame first) -> state ``(b, f*c*k, d)``, block-causal over f."""
+        cfg = self.cfg
+        b, f, ck, d = frame_tokens.shape
+        if ck != cfg.tokens_per_step or d != cfg.embed_dim or not 1 <= f <= cfg.frame_history:
+            raise ValueError(
+                f"encode_state: frame_tokens have shape {tuple(frame_tokens.shape)}, expected "
+                f"(batch, 1..{cfg.frame_history}, {cfg.tokens_per_step}, {cfg.embed_dim})"
+            )
+        x = rearrange(frame_tokens, "b f (c k) d -> b f c k d", c=cfg.num_cameras)
+        x = x + rearrange(self.camera_embed, "c d -> 1 1 c 1 d") + rearrange(self.time_embed[:f], "f d -> 1 f 1 1 d")
+        x = rearrange(x, "b f c k d -> b (f c k) d")
+        mask = block_causal_mask(f, ck, device=x.device)
+        cond = self.condition(text_embed, text_mask, b)
+        return self.history(x, cond, mask)
+
+    def encode(self, frames: Tensor, text_embed: Tensor | None, text_mask: Tensor | None = None) -> Tensor:
+        """frames ``(b, c, f, 3, h, w)`` -> state ``(b, f*c*k, d)`` (full recomputation)."""
+        cfg = self.cfg
+        if frames.ndim != 6 or frames.shape[1] != cfg.num_cameras or frames.shape[3:] != (3, *cfg.image_size):
+            raise ValueError(
+                f"frames have shape {tuple(frames.shape)}, expected (batch, {cfg.num_cameras} cameras, frames, 3, "
+                f"{cfg.image_size[0]}, {cfg.image_size[1]})"
+            )
+        b, c, f = frames.shape[:3]
+        images = rearrange(frames, "b c f ch h w -> (b c f) ch h w")
+        rep_text = None if text_embed is None else repeat(text_embed, "b t -> (b n) t", n=c * f)
+        rep_mask = None if text_mask is None else repeat(text_mask, "b -> (b n)", n=c * f)
+        tokens = self.encode_frames(images, rep_text, rep_mask)
+        tokens = rearrange(tokens, "(b c f) k d -> b f (c k) d", b=b, c=c)
+        return self.encode_state(tokens, text_embed, text_mask)
+
+    # -- head ---------------------------------------------------------------------------------------
+    def check_bins(self, action_bins: Tensor) -> None:
+        n = self.cfg.num_action_dims
+        if action_bins.ndim != 2 or action_bins.shape[1] != n:
+            raise ValueError(f"action_bins have shape {tuple(action_bins.shape)}, expected (batch, {n})")
+        limits = torch.tensor(self.cfg.action_bins, device=action_bins.device)
+        if bool(((action_bins < 0) | (action_bins >= limits)).any()):
+            raise ValueError(f"action_bins out of range: bins per dim are {self.cfg.action_bins}, got {action_bins.tolist()[:4]}...")
+
+    def q_logits(self, state: Tensor, action_bins: Tensor) -> Tensor:
+        """state ``(b, s, d)``, action_bins ``(b, n)`` long -> ``(q, b, n, a)`` or ``(q, b, n, a, v)``.
+
+        Teacher-forced: output i is the Q (logit) of every bin of dim i given the data's bins of dims
+        < i. Entries of invalid bins (``~bin_mask``) are meaningless: mask them."""
+        self.check_bins(action_bins)
+        return torch.stack([head(state, action_bins) for head in self.heads])
+
+    def q_values(self, logits: Tensor) -> Tensor:
+        """Logits ``(..., n, a)`` (sigmoid) or ``(..., n, a, v)`` (HL-Gauss) -> Q ``(..., n, a)`` in [0, 1], float32.
+
+        Invalid bins are set to 0 (the minimum reward), so a plain max over bins is still correct;
+        use ``bin_mask`` for an argmax."""
+        q = self.logits_to_q(logits)
+        if q.shape[-2:] != self.bin_mask.shape:
+            raise ValueError(f"q_values: logits of shape {tuple(logits.shape)} do not end in (n, a[, v]) = {tuple(self.bin_mask.shape)}")
+        return q.masked_fill(~self.bin_mask, 0.0)
+
+    def logits_to_q(self, logits: Tensor) -> Tensor:
+        """Elementwise: logits ``(..., a)`` or ``(..., a, v)`` -> Q ``(..., a)`` float32, no masking."""
+        if self.cfg.value_bins == 1:
+            return logits.float().sigmoid()
+        return logits.float().softmax(dim=-1) @ self.value_centers.float()
+
+    def forward(
+        self,
+        frames: Tensor,
+        text_embed: Tensor | None,
+        text_mask: Tensor | None,
+        action_bins: Tensor,
+        cond_drop_prob: float = 0.0,
+    ) -> Tensor:
+        """frames ``(b, c, f, 3, h, w)`` uint8, text ``(b, t)``, mask ``(b,)``, bins ``(b, n)`` ->
+        logits ``(q, b, n, a[, v])``. With ``cond_drop_prob`` > 0 each row's instruction is replaced by
+        the learned null embedding with that probability (classifier-free conditioning dropout)."""
+        b = frames.shape[0]
+        if cond_drop_prob > 0:
+            keep = torch.rand(b, device=frames.device) >= cond_drop_prob
+            text_mask = keep if text_mask is None else (text_mask.to(torch.bool) & keep)
+        state = self.encode(frames, text_embed, text_mask)
+        return self.q_logits(state, action_bins)
+
+    # -- decoding -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode(self, state: Tensor, beam_width: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+        """state ``(b, s, d)`` -> (bins ``(b, n)`` long, q_chosen ``(b, n)``, all_q ``(b, n, a)``).
+
+        Dims are chosen one at a time: dim i's bin maximizes Q_i(s, a_<i, a_i) (min over critics when
+        dual). ``beam_width`` > 1 keeps the best partial actions by that Q and returns the beam whose
+        last-dim Q (the value of the whole action) is highest; width 1 is greedy. Self-attention K/V of
+        the action tokens is cached; the state's cross-attention K/V is computed once. ``all_q`` holds
+        the Q of every bin of dim i given the chosen bins of dims < i (invalid bins 0)."""
+        cfg = self.cfg
+        if not isinstance(beam_width, int) or beam_width < 1:
+            raise ValueError(f"beam_width = {beam_width!r}: must be an integer >= 1")
+        b, width, n, a = state.shape[0], beam_width, cfg.num_action_dims, cfg.max_bins
+        bw = b * width
+        expand = (lambda t: repeat(t, "b ... -> (b w) ...", w=width)) if width > 1 else (lambda t: t)
+        ctxs = [[(expand(k), expand(v)) for k, v in head.context(state)] for head in self.heads]
+        tokens = [expand(head.start_token(state)) for head in self.heads]
+        caches: list[list] = [[None] * len(head.layers) for head in self.heads]
+        alive = torch.zeros(b, width, dtype=torch.bool, device=state.device)
+        alive[:, 0] = True
+        bins_hist = torch.zeros(bw, 0, dtype=torch.long, device=state.device)
+        q_hist = torch.zeros(bw, 0, device=state.device)
+        all_hist = torch.zeros(bw, 0, a, device=state.device)
+        for i in range(n):
+            qs = []
+            for c, head in enumerate(self.heads):
+                logits, caches[c] = head.step(tokens[c], i, ctxs[c], caches[c])
+                qs.append(self.logits_to_q(logits))
+            q = torch.stack(qs).amin(dim=0).masked_fill(~self.bin_mask[i], 0.0)  # (bw, a)
+            scores = q.masked_fill(~self.bin_mask[i], float("-inf"))
+            if width == 1:
+                chosen = scores.argmax(dim=-1)
+            else:
+                scores = rearrange(scores, "(b w) a -> b w a", w=width).masked_fill(~alive[..., None], float("-inf"))
+                top, idx = rearrange(scores, "b w a -> b (w a)").topk(width, dim=-1)
+                alive = torch.isfinite(top)
+                parent, chosen = idx // a, idx % a
+                parent_flat = rearrange(parent + torch.arange(b, device=state.device)[:, None] * width, "b w -> (b w)")
+                chosen = rearrange(chosen, "b w -> (b w)")
+                caches = [[(k[parent_flat], v[parent_flat]) for k, v in cache] for cache in caches]
+                q = q[parent_flat]
+                bins_hist, q_hist, all_hist = bins_hist[parent_flat], q_hist[parent_flat], all_hist[parent_flat]
+            bins_hist = torch.cat((bins_hist, chosen[:, None]), dim=1)
+            q_hist = torch.cat((q_hist, q.gather(1, chosen[:, None])), dim=1)
+            all_hist = torch.cat((all_hist, q[:, None]), dim=1)
+            if i + 1 < n:
+                tokens = [head.bin_token(i, chosen) for head in self.heads]
+        pick = lambda t: rearrange(t, "(b w) ... -> b w ...", w=width)[:, 0]
+        return pick(bins_hist), pick(q_hist), pick(all_hist)
