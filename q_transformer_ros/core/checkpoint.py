@@ -1,0 +1,145 @@
+"""Training checkpoints: one file that holds everything to resume training or to run the policy.
+
+Why this shape: the policy node must rebuild the network from the checkpoint alone (contract, model
+config, text-encoder config, cached instruction embeddings travel with the weights), and a killed
+training run must continue at the same step with the same data order and RNG streams (optimizer,
+scheduler, target network, RNG states, data order). Everything is stored as tensors, numbers, strings,
+lists and dicts, so ``torch.load(weights_only=True)`` can read it: loading our checkpoints never runs
+pickled code. Files are written to a temp path and renamed, so a crash never leaves half a checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from q_transformer_ros.data.contract import ContractError, RobotContract
+
+CHECKPOINT_KIND = "q_transformer_ros/checkpoint"
+CHECKPOINT_FORMAT_VERSION = 1
+CHECKPOINT_NAME = "checkpoint.pt"
+"""File name of the latest checkpoint inside a training output directory."""
+
+REQUIRED_KEYS = ("format_version", "kind", "contract", "model_config", "text_encoder", "objective", "model", "step")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and what is wrong."""
+
+
+def save_checkpoint(path: str | Path, payload: Mapping[str, Any]) -> Path:
+    """Write ``payload`` (plus kind and format_version) atomically: temp file in the same folder, fsync,
+    ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = dict(payload)
+    data["kind"] = CHECKPOINT_KIND
+    data["format_version"] = CHECKPOINT_FORMAT_VERSION
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def load_checkpoint(
+    path: str | Path,
+    map_location: str | torch.device = "cpu",
+    expected_contract: RobotContract | None = None,
+) -> dict[str, Any]:
+    """Read and validate a checkpoint (``weights_only=True``).
+
+    Raises CheckpointError naming the file when it is missing, not a torch file, not one of ours, of a
+    newer format, lacks keys, or (with ``expected_contract``) was trained for a different robot:
+    different cameras/action dims, or a different number of bins per dim (the head's width)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file does not exist")
+    try:
+        data = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: not loadable with torch.load(weights_only=True) (not a q_transformer_ros "
+                              f"checkpoint, or it holds arbitrary pickled objects): {str(e).splitlines()[0]}") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable torch checkpoint: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict) or data.get("kind") != CHECKPOINT_KIND:
+        kind = data.get("kind") if isinstance(data, dict) else type(data).__name__
+        raise CheckpointError(f"{path}: not a q_transformer_ros checkpoint (kind = {kind!r}, expected {CHECKPOINT_KIND!r})")
+    version = data.get("format_version")
+    if version != CHECKPOINT_FORMAT_VERSION:
+        raise CheckpointError(f"{path}: 'format_version' = {version!r}; this package reads version {CHECKPOINT_FORMAT_VERSION}")
+    missing = [k for k in REQUIRED_KEYS if k not in data]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks key(s) {missing}")
+    try:
+        contract = RobotContract.from_dict(data["contract"], where=f"{path}:contract")
+    except ContractError as e:
+        raise CheckpointError(f"{path}: embedded contract is invalid: {e}") from None
+    bins = tuple(data["model_config"].get("action_bins", ()))
+    if bins and bins != tuple(contract.action_bins):
+        raise CheckpointError(f"{path}: model_config.action_bins {bins} disagree with the embedded contract's "
+                              f"{tuple(contract.action_bins)}")
+    if expected_contract is not None:
+        try:
+            expected_contract.check_compatible(contract, what="checkpoint", where=str(path), allow_rebin=True)
+        except ContractError as e:
+            raise CheckpointError(str(e)) from None
+        if tuple(expected_contract.action_bins) != tuple(contract.action_bins):
+            raise CheckpointError(
+                f"{path}: checkpoint was trained with {contract.num_action_dims} action dims x bins "
+                f"{tuple(contract.action_bins)} (num_actions), but contract '{expected_contract.name}' has bins "
+                f"{tuple(expected_contract.action_bins)}"
+            )
+    return data
+
+
+def checkpoint_contract(data: Mapping[str, Any], where: str = "<checkpoint>") -> RobotContract:
+    """The robot contract embedded in a loaded checkpoint."""
+    return RobotContract.from_dict(data["contract"], where=f"{where}:contract")
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG state in weights_only-safe form
+# ---------------------------------------------------------------------------------------------
+
+def rng_state() -> dict[str, Any]:
+    """torch (CPU and CUDA), numpy and Python RNG states as tensors/ints/lists."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": str(np_state[0]), "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": {"version": int(py_state[0]), "state": list(py_state[1]),
+                   "gauss_next": py_state[2]},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured."""
+    torch.set_rng_state(state["torch"].cpu().to(torch.uint8))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([s.cpu().to(torch.uint8) for s in cuda_states])

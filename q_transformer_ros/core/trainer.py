@@ -1,0 +1,664 @@
+"""The ``train`` executable: replay dataset(s) -> Q-Transformer checkpoint.
+
+Usage::
+
+    train --config config/train_tiny.yaml --dataset DIR --out runs/x --steps 50
+    train --config config/train_base.yaml --dataset A --dataset B --set learner.td_loss=bce --set lr=1e-4
+    torchrun --nproc_per_node 8 -m q_transformer_ros.core.trainer --config config/train_base.yaml ...
+
+YAML is the source of truth (``TrainConfig`` fields, nested ``learner:``, ``model_overrides:`` and
+``text_encoder:`` mappings); flags and ``--set key=value`` (value parsed as YAML, dotted keys for nested
+mappings) override it. A run resumes from ``<out>/checkpoint.pt`` when it exists (``--resume`` makes a
+missing checkpoint an error, ``--no-resume`` starts over): same step, same data order, same RNG streams.
+
+The loop only moves batches to the device, calls :func:`learning_step`, steps the optimizer, updates
+the target network, logs and checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from q_transformer_ros.core.checkpoint import (
+    CHECKPOINT_NAME, CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
+)
+from q_transformer_ros.core.distributed import (
+    DistInfo, ShardedBatchSampler, barrier, check_in_sync, init_distributed, shutdown_distributed,
+)
+from q_transformer_ros.core.learner import LearnerConfig, learning_step, make_target_network, update_target_network
+from q_transformer_ros.core.metrics import MetricsLogger, plot_metrics
+from q_transformer_ros.core.schedule import warmup_cosine_scheduler
+from q_transformer_ros.data.contract import ContractError, RobotContract, load_contract
+
+METRICS_NAME = "metrics.jsonl"
+PLOT_NAME = "metrics.png"
+CONFIG_NAME = "train_config.yaml"
+
+
+class TrainError(RuntimeError):
+    """Training cannot go on; the message names the input (file, key, step) and the bad value."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs. Loaded from YAML, overridden from the command line."""
+
+    dataset: list[str] = field(default_factory=list)
+    """Replay dataset folder(s); several are concatenated (same robot contract, instruction tables merged)."""
+    out: str = "runs/train"
+    """Output folder: checkpoint.pt, metrics.jsonl, metrics.png, train_config.yaml."""
+    contract: str | None = None
+    """Contract YAML to train with (its bins/ranges re-bin the stored actions); default: the first
+    dataset's embedded contract. Datasets from a different robot are rejected."""
+    model_preset: str = "tiny"
+    """ModelConfig preset: 'tiny' | 'small' | 'base' (robot fields come from the contract)."""
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    """ModelConfig fields overriding the preset, e.g. {dual_critics: true, value_bins: 51}."""
+    text_encoder: dict[str, Any] = field(default_factory=dict)
+    """TextEncoderConfig fields (model_name, pretrained: null | local weights file | hub tag, ...)."""
+    objective: Literal["q_learning", "bc"] = "q_learning"
+    """'q_learning' (Q-Transformer) or 'bc' (behaviour-cloning baseline on the same network)."""
+    learner: dict[str, Any] = field(default_factory=dict)
+    """LearnerConfig fields other than objective/discount/cond_drop_prob (td_loss, conservative_weight,
+    mc_lower_bound, target_update, target_ema_tau, target_copy_every, ...)."""
+    n_step: int = 1
+    """Rewards summed before bootstrapping (n-step returns)."""
+    batch_size: int = 32
+    """Samples per micro-batch per process (global batch = batch_size * grad_accum * world size)."""
+    lr: float = 3e-4
+    """Peak AdamW learning rate."""
+    weight_decay: float = 0.01
+    """AdamW weight decay, applied to matrices only (not biases, norms, embeddings of size 1-D)."""
+    betas: tuple[float, float] = (0.9, 0.99)
+    """AdamW betas."""
+    warmup_steps: int = 100
+    """Linear warm-up steps before the cosine decay."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of ``lr`` at the end of the cosine."""
+    grad_clip: float = 1.0
+    """Max global gradient norm (0 = no clipping; the norm is still logged)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    bf16: bool = True
+    """bf16 autocast for forward passes on CUDA (ignored on CPU, where fp32 is used)."""
+    steps: int = 1000
+    """Optimizer steps of the whole run (a resumed run continues up to this)."""
+    cond_drop_prob: float | None = None
+    """Instruction dropout probability (classifier-free); None = the model config's ``cond_drop_prob``."""
+    checkpoint_every: int = 500
+    """Optimizer steps between checkpoints (one is always written at the end)."""
+    log_every: int = 10
+    """Optimizer steps between metric records."""
+    num_workers: int = 0
+    """DataLoader worker processes (each assembles whole batches with ``get_batch``)."""
+    seed: int = 0
+    """Seed of model init, data order and dropout (the run is reproducible on the same device)."""
+    device: str = "auto"
+    """'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N' (under torchrun: the local rank's GPU)."""
+    resume: Literal["auto", "require", "never"] = "auto"
+    """'auto': resume from <out>/checkpoint.pt if present; 'require': error if absent; 'never': start over
+    (an existing checkpoint is overwritten)."""
+    find_unused_parameters: bool = False
+    """DDP option; set true if a model variant leaves parameters without gradient in a step."""
+    progress: bool = True
+    """tqdm progress bar (main process only)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.dataset, (str, Path)):
+            self.dataset = [str(self.dataset)]
+        self.dataset = [str(d) for d in self.dataset]
+        self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
+        self.validate()
+
+    def _bad(self, key: str, why: str) -> ValueError:
+        return ValueError(f"TrainConfig.{key} = {getattr(self, key)!r}: {why}")
+
+    def validate(self) -> None:
+        if self.objective not in ("q_learning", "bc"):
+            raise self._bad("objective", "must be 'q_learning' or 'bc'")
+        for key in ("n_step", "batch_size", "grad_accum", "steps", "checkpoint_every", "log_every"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise self._bad(key, "must be an integer >= 1")
+        for key in ("warmup_steps", "num_workers", "seed"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise self._bad(key, "must be an integer >= 0")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise self._bad("lr", "must be > 0")
+        if not self.weight_decay >= 0:
+            raise self._bad("weight_decay", "must be >= 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise self._bad("betas", "must be two numbers in [0, 1)")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise self._bad("min_lr_ratio", "must be in [0, 1]")
+        if not self.grad_clip >= 0:
+            raise self._bad("grad_clip", "must be >= 0")
+        if self.cond_drop_prob is not None and not 0 <= self.cond_drop_prob < 1:
+            raise self._bad("cond_drop_prob", "must be null or in [0, 1)")
+        if self.resume not in ("auto", "require", "never"):
+            raise self._bad("resume", "must be 'auto', 'require' or 'never'")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise self._bad("device", "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        for key in ("model_overrides", "text_encoder", "learner"):
+            if not isinstance(getattr(self, key), Mapping):
+                raise self._bad(key, "must be a mapping")
+        bad = {"objective", "discount", "cond_drop_prob"} & set(self.learner)
+        if bad:
+            raise self._bad("learner", f"set {sorted(bad)} at top level (objective, cond_drop_prob) or in the contract (discount)")
+        if not isinstance(self.model_preset, str):
+            raise self._bad("model_preset", "must be a preset name")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "<train config>") -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{where}: unknown key '{unknown[0]}'; known keys are {sorted(known)}")
+        try:
+            return cls(**dict(data))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# config from YAML + command line
+# ---------------------------------------------------------------------------------------------
+
+def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    cur = d
+    for p in parts[:-1]:
+        nxt = cur.get(p)
+        if nxt is None:
+            nxt = cur[p] = {}
+        if not isinstance(nxt, dict):
+            raise ValueError(f"--set {key}: '{p}' is not a mapping (it is {nxt!r})")
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="train", description="Train a Q-Transformer on replay datasets.")
+    p.add_argument("--config", help="training YAML (TrainConfig fields), e.g. config/train_tiny.yaml")
+    p.add_argument("--dataset", action="append", help="replay dataset folder (repeat for several)")
+    p.add_argument("--out", help="output folder")
+    p.add_argument("--contract", help="contract YAML to train with (default: the dataset's)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int, dest="batch_size")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--objective", choices=("q_learning", "bc"))
+    p.add_argument("--n-step", type=int, dest="n_step")
+    p.add_argument("--device")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--num-workers", type=int, dest="num_workers")
+    p.add_argument("--checkpoint-every", type=int, dest="checkpoint_every")
+    p.add_argument("--model-preset", dest="model_preset")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_const", const="require", dest="resume",
+                   help="resume from <out>/checkpoint.pt (error if absent)")
+    g.add_argument("--no-resume", action="store_const", const="never", dest="resume",
+                   help="start over even if <out>/checkpoint.pt exists")
+    p.add_argument("--no-progress", action="store_false", dest="progress", default=None)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any field; VALUE is YAML; dotted keys reach nested mappings (learner.td_loss=bce)")
+    return p
+
+
+def config_from_args(argv: Sequence[str] | None) -> TrainConfig:
+    args = build_arg_parser().parse_args(argv)
+    data: dict[str, Any] = {}
+    where = "<command line>"
+    if args.config:
+        path = Path(args.config)
+        where = str(path)
+        if not path.is_file():
+            raise TrainError(f"{path}: training config file does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise TrainError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise TrainError(f"{path}: expected a mapping of TrainConfig fields, got {type(loaded).__name__}")
+        data.update(loaded)
+    for key in ("out", "contract", "steps", "batch_size", "lr", "objective", "n_step", "device", "seed",
+                "num_workers", "checkpoint_every", "model_preset", "resume", "progress"):
+        v = getattr(args, key)
+        if v is not None:
+            data[key] = v
+    if args.dataset:
+        data["dataset"] = args.dataset
+    for item in args.set:
+        if "=" not in item:
+            raise TrainError(f"--set {item!r}: expected KEY=VALUE")
+        k, v = item.split("=", 1)
+        _set_dotted(data, k.strip(), yaml.safe_load(v))
+    try:
+        return TrainConfig.from_dict(data, where=where)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------
+
+class BatchDataset(Dataset):
+    """Maps a list of indices to one whole batch: the DataLoader (``batch_size=None``) is fed the
+    batch sampler's index lists, so workers call the vectorised ``get_batch`` once per batch.
+
+    Several datasets are concatenated; their instruction tables are merged (``instructions``) and each
+    dataset's ``instruction_index`` is remapped into the merged table."""
+
+    def __init__(self, datasets: Sequence[Any]):
+        self.datasets = list(datasets)
+        sizes = np.array([len(d) for d in self.datasets], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)])
+        self.instructions: list[str] = []
+        pos: dict[str, int] = {}
+        self.remaps: list[np.ndarray] = []
+        for d in self.datasets:
+            remap = []
+            for text in d.instructions:
+                if text not in pos:
+                    pos[text] = len(self.instructions)
+                    self.instructions.append(text)
+                remap.append(pos[text])
+            self.remaps.append(np.array(remap, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        idx = np.asarray(indices, dtype=np.int64)
+        which = np.searchsorted(self.offsets, idx, side="right") - 1
+        parts, order = [], []
+        for k in np.unique(which):
+            rows = np.flatnonzero(which == k)
+            b = self.datasets[k].get_batch(idx[rows] - self.offsets[k])
+            ii = b["instruction_index"].numpy()
+            if self.remaps[k].size:
+                ii = np.where(ii >= 0, self.remaps[k][ii.clip(min=0)], -1)
+            b["instruction_index"] = torch.from_numpy(ii.astype(np.int64))
+            parts.append(b)
+            order.append(rows)
+        if len(parts) == 1:
+            return parts[0]
+        inv = np.argsort(np.concatenate(order))
+        return {key: torch.cat([p[key] for p in parts])[torch.from_numpy(inv)] for key in parts[0]}
+
+
+TRAIN_KEYS = ("frames", "next_frames", "action_bins", "rewards", "reward_mask", "discount_to_next", "mc_return",
+              "instruction_index")
+
+
+def open_datasets(cfg: TrainConfig, contract: RobotContract | None) -> tuple[list[Any], RobotContract]:
+    """Open every dataset with the training contract; errors name the dataset path."""
+    from q_transformer_ros.core.dataset import DatasetError, ReplayDataset
+
+    if not cfg.dataset:
+        raise TrainError("no dataset given: pass --dataset DIR (or 'dataset:' in the config)")
+    out = []
+    for path in cfg.dataset:
+        p = Path(path)
+        if not p.exists():
+            raise TrainError(f"dataset path {p} does not exist")
+        try:
+            ds = ReplayDataset(p, contract=contract, n_step=cfg.n_step)
+        except (DatasetError, ContractError) as e:
+            raise TrainError(f"dataset {p}: {e}") from None
+        if len(ds) == 0:
+            raise TrainError(f"dataset {p} is empty (no samples)")
+        if contract is None:
+            contract = ds.contract
+        out.append(ds)
+    assert contract is not None
+    return out, contract
+
+
+def instruction_table(
+    cfg: TrainConfig, data: BatchDataset, device: torch.device, info: DistInfo,
+    from_checkpoint: Mapping[str, Any] | None,
+) -> tuple[torch.Tensor, dict[str, Any], int]:
+    """Embeddings (I, T) of the merged instruction table, on ``device``; plus the encoder config dict and T.
+
+    Order of preference: the checkpoint's cache (same texts: a resumed run keeps its conditioning), the
+    dataset's cache for this encoder key, then the encoder (result written back into a single dataset's
+    cache by the main process, when the folder is writable)."""
+    from q_transformer_ros.core.text_encoder import InstructionEncoder, TextEncoderConfig
+
+    try:
+        enc_cfg = TextEncoderConfig(**cfg.text_encoder)
+    except (TypeError, ValueError) as e:
+        raise TrainError(f"text_encoder: {e}") from None
+    texts = data.instructions
+    if from_checkpoint is not None and list(from_checkpoint.get("texts", [])) == texts:
+        emb = from_checkpoint["embeddings"].float()
+        return emb.to(device), _enc_dict(enc_cfg), int(emb.shape[1])
+    torch.manual_seed(cfg.seed)  # random-init encoders (tests) are then reproducible
+    encoder = InstructionEncoder(enc_cfg)
+    key, dim = encoder.key, encoder.dim
+    emb_np = None
+    if len(data.datasets) == 1 and texts:
+        emb_np = data.datasets[0].text_embeddings(key)
+    if emb_np is None and texts:
+        with torch.no_grad():
+            emb_np = encoder.embed(texts).float().cpu().numpy()
+        if info.is_main and len(data.datasets) == 1:
+            _cache_embeddings(data.datasets[0], key, emb_np)
+    del encoder
+    emb = torch.from_numpy(np.asarray(emb_np, dtype=np.float32)) if texts else torch.zeros(0, dim)
+    return emb.to(device), _enc_dict(enc_cfg), dim
+
+
+def _enc_dict(enc_cfg: Any) -> dict[str, Any]:
+    to_dict = getattr(enc_cfg, "to_dict", None)
+    return dict(to_dict()) if callable(to_dict) else asdict(enc_cfg)
+
+
+def _cache_embeddings(ds: Any, key: str, emb: np.ndarray) -> None:
+    from q_transformer_ros.core.dataset import ReplayWriter
+
+    try:
+        with ReplayWriter(ds.root, ds.dataset_contract, create_ok=False) as w:
+            w.set_text_embeddings(key, emb)
+    except Exception as e:  # read-only dataset, a busy writer: the cache is an optimisation only
+        print(f"train: note: could not cache text embeddings in {ds.root}: {e}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# model, optimizer
+# ---------------------------------------------------------------------------------------------
+
+def pick_device(name: str, info: DistInfo) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise TrainError(f"device = {name!r} but CUDA is not available on this machine")
+        if info.enabled:
+            return torch.device("cuda", info.local_rank)
+    return torch.device(name)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay only on >= 2-D weights (not biases, norm gains, per-channel scales)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    on_cuda = any(p.is_cuda for p in model.parameters())
+    # fused kernel on CUDA; multi-tensor (foreach) on CPU, where the per-tensor loop dominates tiny models
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=True if on_cuda else None,
+                             foreach=None if on_cuda else True)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    step: int
+    """Optimizer steps done (== TrainConfig.steps)."""
+    checkpoint: Path
+    metrics: Path
+    plot: Path | None
+    last_metrics: dict[str, float]
+    param_checksum: float
+    """Checksum of the online parameters (equal across ranks; used by the resume / DDP tests)."""
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run (or resume) training; returns when ``cfg.steps`` optimizer steps are done."""
+    from q_transformer_ros.core.model import ModelConfig, QTransformerNet
+
+    device_kind = "cuda" if (cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())) else "cpu"
+    info = init_distributed(device_kind)
+    try:
+        return _train(cfg, info, ModelConfig, QTransformerNet)
+    finally:
+        shutdown_distributed()
+
+
+def _train(cfg: TrainConfig, info: DistInfo, ModelConfig: Any, QTransformerNet: Any) -> TrainResult:
+    device = pick_device(cfg.device, info)
+    out = Path(cfg.out)
+    ckpt_path = out / CHECKPOINT_NAME
+
+    # -- contract, checkpoint to resume ---------------------------------------------------------
+    contract = None
+    if cfg.contract:
+        try:
+            contract = load_contract(cfg.contract)
+        except ContractError as e:
+            raise TrainError(str(e)) from None
+    resume_from = None
+    if cfg.resume != "never" and ckpt_path.exists():
+        try:
+            resume_from = load_checkpoint(ckpt_path, map_location="cpu", expected_contract=contract)
+        except CheckpointError as e:
+            raise TrainError(f"cannot resume: {e}") from None
+        if resume_from["objective"] != cfg.objective:
+            raise TrainError(f"cannot resume {ckpt_path}: it was trained with objective "
+                             f"{resume_from['objective']!r}, this run asks for {cfg.objective!r}")
+        if contract is None:
+            contract = RobotContract.from_dict(resume_from["contract"], where=f"{ckpt_path}:contract")
+    elif cfg.resume == "require":
+        raise TrainError(f"--resume given but {ckpt_path} does not exist")
+
+    datasets, contract = open_datasets(cfg, contract)
+    data = BatchDataset(datasets)
+    seed_everything(cfg.seed)
+
+    emb, enc_dict, text_dim = instruction_table(
+        cfg, data, device, info, resume_from.get("instruction_embeddings") if resume_from else None)
+
+    # -- model ----------------------------------------------------------------------------------
+    seed_everything(cfg.seed)
+    if resume_from is not None:
+        model_cfg = ModelConfig.from_dict(resume_from["model_config"], where=f"{ckpt_path}:model_config")
+    else:
+        try:
+            model_cfg = ModelConfig.preset(cfg.model_preset, contract, text_dim=text_dim, **cfg.model_overrides)
+        except (TypeError, ValueError) as e:
+            raise TrainError(f"model_preset {cfg.model_preset!r} / model_overrides {cfg.model_overrides}: {e}") from None
+    cond_drop = model_cfg.cond_drop_prob if cfg.cond_drop_prob is None else cfg.cond_drop_prob
+    try:
+        lcfg = LearnerConfig.from_dict({**cfg.learner, "objective": cfg.objective, "discount": contract.discount,
+                                        "cond_drop_prob": cond_drop})
+    except (TypeError, ValueError) as e:
+        raise TrainError(f"learner: {e}") from None
+    if lcfg.objective == "q_learning" and (model_cfg.value_bins > 1) != (lcfg.td_loss == "hl_gauss"):
+        raise TrainError(f"learner.td_loss = {lcfg.td_loss!r} with model value_bins = {model_cfg.value_bins}: "
+                         "use td_loss 'hl_gauss' exactly when value_bins > 1")
+    if lcfg.objective == "bc" and model_cfg.value_bins > 1:
+        raise TrainError("objective 'bc' needs a model with value_bins = 1")
+    model = QTransformerNet(model_cfg).to(device)
+    target = make_target_network(model) if lcfg.objective == "q_learning" else None
+    optimizer = make_optimizer(model, cfg)
+    scheduler = warmup_cosine_scheduler(optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+
+    step, consumed = 0, 0
+    if resume_from is not None:
+        model.load_state_dict(resume_from["model"])
+        if target is not None and resume_from.get("target_model") is not None:
+            target.load_state_dict(resume_from["target_model"])
+        optimizer.load_state_dict(resume_from["optimizer"])
+        scheduler.load_state_dict(resume_from["scheduler"])
+        step = int(resume_from["step"])
+        order = resume_from.get("data_order", {})
+        consumed = int(order.get("consumed_batches", step * cfg.grad_accum))
+        if order.get("world_size", info.world_size) != info.world_size or order.get("seed", cfg.seed) != cfg.seed:
+            print(f"train: note: resuming with world size {info.world_size} / seed {cfg.seed} (checkpoint: "
+                  f"{order.get('world_size')} / {order.get('seed')}); the data order differs from the killed run",
+                  file=sys.stderr)
+        rs = resume_from.get("rng", {}).get(f"rank{info.rank}") or resume_from.get("rng", {}).get("rank0")
+        if rs is not None:
+            set_rng_state(rs)
+        if info.is_main:
+            print(f"train: resuming {ckpt_path} at step {step}", file=sys.stderr)
+
+    ddp_model: nn.Module = model
+    if info.enabled:
+        ddp_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=cfg.find_unused_parameters)
+
+    # -- data loader ----------------------------------------------------------------------------
+    sampler = ShardedBatchSampler(len(data), cfg.batch_size, seed=cfg.seed, rank=info.rank,
+                                  world_size=info.world_size, start_batch=consumed)
+    loader = DataLoader(
+        data, batch_size=None, sampler=sampler, num_workers=cfg.num_workers,
+        pin_memory=device.type == "cuda", persistent_workers=False,
+        prefetch_factor=2 if cfg.num_workers > 0 else None,
+        generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG untouched (exact resume)
+    )
+
+    # -- run ------------------------------------------------------------------------------------
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / CONFIG_NAME).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    logger = MetricsLogger(out / METRICS_NAME, resume_step=step if resume_from is not None else None) if info.is_main else None
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if (cfg.bf16 and device.type == "cuda") else nullcontext())
+    bar = None
+    if info.is_main and cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+
+    def payload() -> dict[str, Any]:
+        rng_all = {f"rank{info.rank}": rng_state()}
+        return {
+            "contract": contract.to_dict(),
+            "model_config": model_cfg.to_dict(),
+            "text_encoder": enc_dict,
+            "objective": cfg.objective,
+            "learner_config": lcfg.to_dict(),
+            "model": model.state_dict(),
+            "target_model": target.state_dict() if target is not None else None,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "step": step,
+            "rng": rng_all,
+            "data_order": sampler.position(consumed),
+            "instruction_embeddings": {"texts": list(data.instructions), "embeddings": emb.detach().cpu()},
+            "train_config": cfg.to_dict(),
+        }
+
+    last: dict[str, float] = {}
+    it = iter(loader)
+    t_last, samples_since = time.perf_counter(), 0
+    model.train()
+    try:
+        while step < cfg.steps:
+            agg: dict[str, torch.Tensor] = {}
+            for micro in range(cfg.grad_accum):
+                batch = next(it)
+                consumed += 1
+                batch = {k: batch[k].to(device, non_blocking=True) for k in TRAIN_KEYS if k in batch}
+                sync = info.enabled and micro < cfg.grad_accum - 1
+                with (ddp_model.no_sync() if sync else nullcontext()):
+                    with autocast:
+                        loss, metrics = learning_step(batch, ddp_model, target, emb, lcfg)
+                    if not torch.isfinite(loss):
+                        raise TrainError(
+                            f"non-finite loss {float(loss.detach())} at step {step + 1} (micro-batch {micro}); metrics: "
+                            f"{ {k: float(v) for k, v in metrics.items()} }. Check the dataset for NaN/inf "
+                            f"rewards or actions, or lower lr (now {scheduler.get_last_lr()[0]:.3g})")
+                    (loss / cfg.grad_accum).backward()
+                for k, v in metrics.items():
+                    agg[k] = agg.get(k, 0.0) + v.float() / cfg.grad_accum
+                samples_since += batch["action_bins"].shape[0] * info.world_size
+            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            if not torch.isfinite(grad_norm):
+                raise TrainError(f"non-finite gradient norm {float(grad_norm)} at step {step + 1}")
+            lr_now = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if target is not None:
+                update_target_network(model, target, step, lcfg)
+
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                now = time.perf_counter()
+                last = {k: float(v) for k, v in agg.items()}
+                last.update({"grad_norm": float(grad_norm), "lr": lr_now,
+                             "charts/samples_per_s": samples_since / max(now - t_last, 1e-9)})
+                t_last, samples_since = now, 0
+                if logger is not None:
+                    logger.log(step, last)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{last['losses/loss']:.4f}", q=f"{last.get('q/mean_q', float('nan')):.3f}")
+            if bar is not None:
+                bar.update(1)
+            if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                if info.is_main:
+                    save_checkpoint(ckpt_path, payload())
+                barrier(info)
+        checksum = check_in_sync(model, info, device)
+        if info.is_main:
+            save_checkpoint(ckpt_path, payload())
+        barrier(info)
+    finally:
+        if bar is not None:
+            bar.close()
+        if logger is not None:
+            logger.close()
+        del it
+    plot = plot_metrics(out / METRICS_NAME, out / PLOT_NAME) if info.is_main else None
+    return TrainResult(step=step, checkpoint=ckpt_path, metrics=out / METRICS_NAME, plot=plot,
+                       last_metrics=last, param_checksum=checksum)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``train`` executable. Returns 0 on success, 2 on bad input (message on stderr)."""
+    from q_transformer_ros.core.dataset import DatasetError
+
+    try:
+        cfg = config_from_args(argv)
+        result = train(cfg)
+    except (TrainError, DatasetError, ContractError, CheckpointError) as e:
+        print(f"train: error: {e}", file=sys.stderr)
+        return 2
+    rank = int(os.environ.get("RANK", "0"))
+    print(f"train: rank {rank} finished step {result.step} param_checksum {result.param_checksum:.10e}")
+    if rank == 0:
+        print(f"train: checkpoint {result.checkpoint}")
+        print(f"train: metrics {result.metrics}" + (f", plot {result.plot}" if result.plot else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

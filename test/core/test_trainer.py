@@ -1,0 +1,226 @@
+"""The `train` executable end to end on small real datasets: outputs, exact resume, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from q_transformer_ros.core import trainer as trainer_mod
+from q_transformer_ros.core.checkpoint import load_checkpoint
+from q_transformer_ros.core.dataset import ReplayWriter
+from q_transformer_ros.core.dataset.testing import random_episode, tiny_contract
+from q_transformer_ros.core.metrics import read_metrics
+from q_transformer_ros.core.trainer import TrainConfig, TrainError, config_from_args, main, train
+
+REPO = Path(__file__).resolve().parents[2]
+TINY_YAML = REPO / "config" / "train_tiny.yaml"
+# a smaller network than the tiny preset: 16 px images, one MaxViT stage
+SMALL_MODEL = ["--set", "model_overrides.depth=[1]", "--set", "model_overrides.window_size=4"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_dataset(path: Path, episodes: int = 6, length: int = 6, seed: int = 0, **contract_kw) -> Path:
+    kw = dict(size=16, num_dims=3, bins=8, frame_history=2)
+    kw.update(contract_kw)
+    contract = tiny_contract(**kw)
+    rng = np.random.default_rng(seed)
+    instructions = ["pick the cube", "open the drawer", None]
+    with ReplayWriter(path, contract) as w:
+        w.add_episodes([random_episode(contract, length, rng, success=bool(i % 2), instruction=instructions[i % 3],
+                                       source_id=f"ep{i}") for i in range(episodes)])
+    return path
+
+
+def args(ds: Path, out: Path, *extra: str) -> list[str]:
+    return ["--config", str(TINY_YAML), "--dataset", str(ds), "--out", str(out), "--no-progress", *SMALL_MODEL, *extra]
+
+
+def test_train_writes_checkpoint_metrics_plot(tmp_path, capsys):
+    ds = make_dataset(tmp_path / "ds")
+    out = tmp_path / "run"
+    rc = main(args(ds, out, "--steps", "4", "--batch-size", "8", "--set", "log_every=1", "--set", "checkpoint_every=2",
+                   "--set", "model_overrides.dual_critics=true"))
+    assert rc == 0, capsys.readouterr().err
+    ck = load_checkpoint(out / "checkpoint.pt")
+    for key in ("format_version", "kind", "contract", "model_config", "text_encoder", "objective", "model", "target_model",
+                "optimizer", "scheduler", "step", "rng", "data_order", "instruction_embeddings", "train_config"):
+        assert key in ck, key
+    assert ck["step"] == 4 and ck["kind"] == "q_transformer_ros/checkpoint"
+    assert ck["data_order"]["consumed_batches"] == 4
+    assert ck["instruction_embeddings"]["texts"] == ["pick the cube", "open the drawer"]
+    assert ck["instruction_embeddings"]["embeddings"].shape == (2, 32)
+    assert ck["model_config"]["dual_critics"] is True
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for key in ("losses/td_loss", "losses/conservative_loss", "q/mean_q", "q/mean_target", "grad_norm",
+                "charts/samples_per_s", "lr"):
+        assert all(np.isfinite(r[key]) for r in records), key
+    assert (out / "metrics.png").stat().st_size > 1000
+    # warm-up: lr rises over the first steps
+    assert records[0]["lr"] < records[2]["lr"]
+    # text embeddings were cached in the dataset for the next run
+    manifest = json.loads((ds / "manifest.json").read_text())
+    assert manifest["text_embeddings"]
+
+
+def test_behaviour_cloning_objective(tmp_path):
+    ds = make_dataset(tmp_path / "ds")
+    cfg = config_from_args(args(ds, tmp_path / "bc", "--steps", "3", "--batch-size", "8", "--objective", "bc",
+                                "--set", "log_every=1"))
+    res = train(cfg)
+    assert res.step == 3
+    assert "losses/bc_loss" in res.last_metrics and "bc/accuracy" in res.last_metrics
+    assert load_checkpoint(res.checkpoint)["target_model"] is None
+
+
+class Killed(Exception):
+    pass
+
+
+def _params(path: Path) -> dict[str, torch.Tensor]:
+    ck = load_checkpoint(path)
+    out = {f"model.{k}": v for k, v in ck["model"].items()}
+    out.update({f"target.{k}": v for k, v in ck["target_model"].items()})
+    for i, st in ck["optimizer"]["state"].items():
+        out.update({f"opt.{i}.{k}": v for k, v in st.items() if torch.is_tensor(v)})
+    return out
+
+
+def test_killed_run_resumes_to_identical_parameters(tmp_path, monkeypatch):
+    """N steps straight == k steps, kill, resume, N - k steps (every parameter and optimizer moment equal).
+
+    Dropout, instruction dropout and an epoch boundary inside the run make RNG and data-order state matter;
+    the straight run uses a worker process, the killed/resumed one none (the data order must not care)."""
+    ds = make_dataset(tmp_path / "ds", episodes=6, length=5)  # 24 samples: 3 batches of 8 per epoch
+    common = ["--steps", "7", "--batch-size", "8", "--set", "checkpoint_every=3", "--set", "log_every=1",
+              "--set", "cond_drop_prob=0.5", "--set", "model_overrides.dropout=0.2", "--set", "warmup_steps=2"]
+    straight = train(config_from_args(args(ds, tmp_path / "a", *common, "--num-workers", "1")))
+
+    real_step = trainer_mod.learning_step
+    calls = {"n": 0}
+
+    def dying_step(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 5:  # during step 5, after the checkpoint at step 3
+            raise Killed()
+        return real_step(*a, **kw)
+
+    monkeypatch.setattr(trainer_mod, "learning_step", dying_step)
+    with pytest.raises(Killed):
+        train(config_from_args(args(ds, tmp_path / "b", *common)))
+    monkeypatch.setattr(trainer_mod, "learning_step", real_step)
+    assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["step"] == 3
+    resumed = train(config_from_args(args(ds, tmp_path / "b", *common, "--resume")))
+    assert resumed.step == straight.step == 7
+
+    a, b = _params(straight.checkpoint), _params(resumed.checkpoint)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=lambda m, k=k: f"{k}: {m}")
+    assert [r["step"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl")] == list(range(1, 8))
+    # and the run did learn something: parameters moved from their init
+    assert resumed.param_checksum != pytest.approx(0.0)
+
+
+# ----------------------------------------------------------------------------------- bad input
+
+def _err(capsys, argv) -> str:
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    return err
+
+
+def test_missing_dataset_path(tmp_path, capsys):
+    err = _err(capsys, args(tmp_path / "nope", tmp_path / "out", "--steps", "1"))
+    assert "nope" in err and "does not exist" in err
+
+
+def test_no_dataset_given(tmp_path, capsys):
+    err = _err(capsys, ["--config", str(TINY_YAML), "--out", str(tmp_path / "o"), "--steps", "1"])
+    assert "--dataset" in err
+
+
+def test_empty_dataset(tmp_path, capsys):
+    ReplayWriter(tmp_path / "empty", tiny_contract(size=16)).close()
+    err = _err(capsys, args(tmp_path / "empty", tmp_path / "out", "--steps", "1"))
+    assert "empty" in err and str(tmp_path / "empty") in err
+
+
+def test_dataset_from_a_different_contract(tmp_path, capsys):
+    ds = make_dataset(tmp_path / "ds")
+    other = tiny_contract(size=16, num_dims=2, name="other_robot")
+    path = tmp_path / "other.yaml"
+    path.write_text(yaml.safe_dump(other.to_dict()))
+    err = _err(capsys, args(ds, tmp_path / "out", "--steps", "1", "--contract", str(path)))
+    assert str(ds) in err and "action dims differ" in err
+
+
+def test_nan_loss_names_the_step(tmp_path, capsys):
+    ds = make_dataset(tmp_path / "ds")
+    chunk = next((ds / "chunks").iterdir())
+    rewards = np.load(chunk / "rewards.npy")
+    rewards[:] = np.nan  # a corrupted file (the writer itself rejects NaN rewards)
+    np.save(chunk / "rewards.npy", rewards)
+    err = _err(capsys, args(ds, tmp_path / "out", "--steps", "3", "--batch-size", "8"))
+    assert "non-finite loss" in err and "at step 1" in err
+
+
+def test_unknown_config_key_and_bad_value(tmp_path, capsys):
+    ds = make_dataset(tmp_path / "ds")
+    assert "unknown key 'bogus'" in _err(capsys, args(ds, tmp_path / "o", "--set", "bogus=1"))
+    assert "TrainConfig.batch_size" in _err(capsys, args(ds, tmp_path / "o", "--batch-size", "0"))
+    assert "td_loss" in _err(capsys, args(ds, tmp_path / "o", "--steps", "1", "--set", "learner.td_loss=huber"))
+
+
+def test_resume_required_but_absent(tmp_path, capsys):
+    ds = make_dataset(tmp_path / "ds")
+    err = _err(capsys, args(ds, tmp_path / "fresh", "--steps", "1", "--resume"))
+    assert "checkpoint.pt" in err and "does not exist" in err
+
+
+def test_config_yaml_and_overrides():
+    cfg = config_from_args(["--config", str(TINY_YAML), "--dataset", "d1", "--dataset", "d2", "--steps", "9",
+                            "--set", "learner.td_loss=bce", "--set", "model_overrides.dual_critics=true"])
+    assert cfg.dataset == ["d1", "d2"] and cfg.steps == 9
+    assert cfg.learner["td_loss"] == "bce" and cfg.learner["target_update"] == "ema"
+    assert cfg.model_overrides["dual_critics"] is True and cfg.model_overrides["dim"] == 8
+    base = yaml.safe_load((REPO / "config" / "train_base.yaml").read_text())
+    TrainConfig.from_dict(base)  # the shipped GPU config is valid
+
+
+def test_several_datasets_merge_instruction_tables(tmp_path):
+    from q_transformer_ros.core.dataset import ReplayDataset
+    from q_transformer_ros.core.trainer import BatchDataset
+
+    contract = tiny_contract(size=16, num_dims=3, bins=8, frame_history=2)
+    rng = np.random.default_rng(0)
+    for name, texts in (("d1", ["open", "close"]), ("d2", ["close", None, "push"])):
+        with ReplayWriter(tmp_path / name, contract) as w:
+            w.add_episodes([random_episode(contract, 3, rng, instruction=t, source_id=f"{name}{i}")
+                            for i, t in enumerate(texts)])
+    d1, d2 = ReplayDataset(tmp_path / "d1"), ReplayDataset(tmp_path / "d2")
+    data = BatchDataset([d1, d2])
+    assert data.instructions == ["open", "close", "push"] and len(data) == len(d1) + len(d2)
+    idx = list(range(len(data)))[::-1]  # both datasets, out of order
+    batch = data[idx]
+    texts = [None if i < 0 else data.instructions[i] for i in batch["instruction_index"].tolist()]
+    want = []
+    for i in idx:
+        ds, j = (d1, i) if i < len(d1) else (d2, i - len(d1))
+        k = int(ds[j]["instruction_index"])
+        want.append(None if k < 0 else ds.instructions[k])
+    assert texts == want
+    torch.testing.assert_close(batch["frames"][-1], d1[0]["frames"])
