@@ -1,0 +1,50 @@
+"""QoS profiles shared by every node of this package (the only place they are defined).
+
+Why explicit profiles: a camera publisher, a robot controller and a late-joining instruction
+publisher need different guarantees, and rclpy's default (reliable, depth 10) is wrong for at least
+two of them.
+
+- ``SENSOR_QOS``: cameras. Best effort, keep only the newest frame: a late frame is worthless and
+  must never block the publisher; a reliable publisher still matches a best-effort subscription.
+- ``COMMAND_QOS``: commands to the robot. Reliable, volatile, small queue: every command is
+  delivered in order, but a subscriber that joins late does not get old commands.
+- ``INSTRUCTION_QOS``: the language instruction. Reliable and transient-local (latched): a node that
+  starts after the instruction was published still receives it. Publishers must use it too.
+- ``DIAGNOSTIC_QOS``: decision messages and other diagnostics: reliable, queue of 10.
+"""
+
+from __future__ import annotations
+
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+
+SENSOR_QOS = QoSProfile(
+    history=HistoryPolicy.KEEP_LAST,
+    depth=1,
+    reliability=ReliabilityPolicy.BEST_EFFORT,
+    durability=DurabilityPolicy.VOLATILE,
+)
+"""Camera subscriptions (and publishers in the sim bridge / tests): newest frame only."""
+
+COMMAND_QOS = QoSProfile(
+    history=HistoryPolicy.KEEP_LAST,
+    depth=10,
+    reliability=ReliabilityPolicy.RELIABLE,
+    durability=DurabilityPolicy.VOLATILE,
+)
+"""Robot commands: reliable, never replayed to late joiners."""
+
+INSTRUCTION_QOS = QoSProfile(
+    history=HistoryPolicy.KEEP_LAST,
+    depth=1,
+    reliability=ReliabilityPolicy.RELIABLE,
+    durability=DurabilityPolicy.TRANSIENT_LOCAL,
+)
+"""Instruction topic (std_msgs/String): latched, so a late node still gets the current task."""
+
+DIAGNOSTIC_QOS = QoSProfile(
+    history=HistoryPolicy.KEEP_LAST,
+    depth=10,
+    reliability=ReliabilityPolicy.RELIABLE,
+    durability=DurabilityPolicy.VOLATILE,
+)
+"""Decision messages and other per-step diagnostics."""

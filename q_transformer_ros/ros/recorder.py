@@ -1,0 +1,207 @@
+"""`record`: write one rosbag2 MCAP per episode from the contract's topics (no ros2 CLI needed).
+
+Subscribes (raw, so the CDR bytes go to the bag untouched) to every camera, every action source
+topic, the instruction topic and the success topic of the contract. An episode starts on
+``~/start_episode`` and ends on ``~/stop_episode`` (std_srvs/Trigger) or when a message arrives on the
+success topic (``stop_on_success``). Each bag is written with rosbags into a temp folder and renamed
+into ``output_dir`` when the episode ends, with a standard metadata.yaml, so both the converter and
+stock rosbag2 tools read it. The current instruction (latched topic) is written at the start of every
+episode and also stored in the bag's ``custom_data``.
+
+Parameters: ``contract`` (path), ``output_dir``, ``storage`` (mcap | sqlite3), ``bag_prefix``,
+``stop_on_success``, ``instruction`` (fallback text when there is no instruction topic).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import rclpy
+from rcl_interfaces.msg import ParameterDescriptor, ParameterType
+from rclpy.executors import ExternalShutdownException
+from rclpy.node import Node
+from std_srvs.srv import Trigger
+
+from q_transformer_ros.data.bag_writer import BagWriter
+from q_transformer_ros.data.contract import RobotContract, load_contract
+from q_transformer_ros.ros.conversions import message_class
+from q_transformer_ros.ros.qos import COMMAND_QOS, INSTRUCTION_QOS, SENSOR_QOS
+
+
+def contract_topics(contract: RobotContract) -> dict[str, tuple[str, str]]:
+    """Topic -> (message type, role) for everything an episode bag needs, cameras first."""
+    topics: dict[str, tuple[str, str]] = {}
+    for cam in contract.cameras:
+        topics[cam.topic] = (cam.msg_type, "camera")
+    for d in contract.action_dims:
+        topics.setdefault(d.source.topic, (d.source.msg_type, "action"))
+    if contract.instruction.topic:
+        topics.setdefault(contract.instruction.topic, ("std_msgs/msg/String", "instruction"))
+    if contract.success.topic:
+        topics.setdefault(contract.success.topic, (contract.success.msg_type, "success"))
+    return topics
+
+
+class EpisodeRecorder(Node):
+    """One node: raw subscriptions to the contract's topics, Trigger services, one bag per episode."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__("recorder", **kwargs)
+        string = ParameterType.PARAMETER_STRING
+        self.declare_parameter("contract", "", ParameterDescriptor(type=string, description="robot contract YAML"))
+        self.declare_parameter("output_dir", "bags", ParameterDescriptor(
+            type=string, description="folder that receives one bag per episode"))
+        self.declare_parameter("storage", "mcap", ParameterDescriptor(type=string, description="mcap or sqlite3"))
+        self.declare_parameter("bag_prefix", "episode", ParameterDescriptor(
+            type=string, description="bag names are <prefix>_<YYYYmmdd-HHMMSS>_<n>"))
+        self.declare_parameter("instruction", "", ParameterDescriptor(
+            type=string, description="instruction stored in bag metadata when no instruction message was seen"))
+        self.declare_parameter("stop_on_success", True, ParameterDescriptor(
+            type=ParameterType.PARAMETER_BOOL, description="end the episode when a success message arrives"))
+
+        path = self.get_parameter("contract").value
+        if not path:
+            raise ValueError("recorder: parameter 'contract' (path to a contract YAML) is required")
+        self.contract = load_contract(path)
+        self.output_dir = Path(self.get_parameter("output_dir").value)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.storage = str(self.get_parameter("storage").value)
+        if self.storage not in ("mcap", "sqlite3"):
+            raise ValueError(f"recorder: parameter 'storage' = {self.storage!r}: use mcap or sqlite3")
+        self.prefix = str(self.get_parameter("bag_prefix").value)
+        self.stop_on_success = bool(self.get_parameter("stop_on_success").value)
+        self.topics = contract_topics(self.contract)
+
+        self.writer: BagWriter | None = None
+        self.episode_count = 0
+        self.finished: list[Path] = []
+        """Bags completed by this node, in order."""
+        self.last_instruction: tuple[bytes, str] | None = None
+        self._subs = []
+        for topic, (msg_type, role) in self.topics.items():
+            qos = {"camera": SENSOR_QOS, "instruction": INSTRUCTION_QOS}.get(role, COMMAND_QOS)
+            self._subs.append(self.create_subscription(
+                message_class(msg_type), topic, lambda raw, t=topic, r=role: self._on_message(t, r, raw), qos,
+                raw=True))
+        self.create_service(Trigger, "~/start_episode", self._on_start)
+        self.create_service(Trigger, "~/stop_episode", self._on_stop)
+        self.get_logger().info(f"recording contract '{self.contract.name}' topics {sorted(self.topics)} "
+                               f"into {self.output_dir}")
+
+    # -- episodes -------------------------------------------------------------------------------
+    def start_episode(self) -> Path:
+        if self.writer is not None:
+            raise RuntimeError(f"an episode is already being recorded ({self.writer.path.name})")
+        self.episode_count += 1
+        name = f"{self.prefix}_{time.strftime('%Y%m%d-%H%M%S')}_{self.episode_count:03d}"
+        writer = BagWriter(self.output_dir / name, storage=self.storage)
+        for topic, (msg_type, _) in self.topics.items():
+            writer.add_topic(topic, msg_type)
+        writer.set_custom_data("contract", self.contract.name)
+        writer.set_custom_data("recorded_by", "q_transformer_ros record")
+        self.writer = writer
+        if self.last_instruction is not None and self.contract.instruction.topic:
+            raw, _ = self.last_instruction  # latched: every episode bag starts with its instruction
+            writer.write_raw(self.contract.instruction.topic, self._now(), raw)
+        self.get_logger().info(f"episode started: {writer.path}")
+        return writer.path
+
+    def stop_episode(self) -> Path:
+        if self.writer is None:
+            raise RuntimeError("no episode is being recorded")
+        writer, self.writer = self.writer, None
+        fallback = str(self.get_parameter("instruction").value)
+        text = self.last_instruction[1] if self.last_instruction is not None else fallback
+        if text:
+            writer.set_custom_data("instruction", text)
+        if sum(writer.counts.values()) == 0:
+            writer.abort()
+            raise RuntimeError(f"episode {writer.path.name} received no messages on {sorted(self.topics)}; not saved")
+        path = writer.close()
+        self.finished.append(path)
+        self.get_logger().info(f"episode saved: {path} ({sum(writer.counts.values())} messages)")
+        return path
+
+    # -- callbacks ------------------------------------------------------------------------------
+    def _now(self) -> int:
+        return self.get_clock().now().nanoseconds
+
+    def _on_message(self, topic: str, role: str, raw: bytes) -> None:
+        if role == "instruction":
+            self.last_instruction = (bytes(raw), _decode_string(raw))
+        if self.writer is None:
+            return
+        self.writer.write_raw(topic, self._now(), raw)
+        if role == "success" and self.stop_on_success and _decode_bool(raw):
+            # Only a True success ends the episode: simulators publish False every step.
+            try:
+                self.stop_episode()
+            except RuntimeError as e:
+                self.get_logger().error(str(e))
+
+    def _on_start(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        try:
+            response.message = str(self.start_episode())
+            response.success = True
+        except (RuntimeError, OSError, ValueError) as e:
+            response.success, response.message = False, str(e)
+        return response
+
+    def _on_stop(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        try:
+            response.message = str(self.stop_episode())
+            response.success = True
+        except (RuntimeError, OSError, ValueError) as e:
+            response.success, response.message = False, str(e)
+        return response
+
+    def close(self) -> None:
+        """Save an episode still open (Ctrl-C ends the recording, it does not lose it)."""
+        if self.writer is not None:
+            try:
+                self.stop_episode()
+            except RuntimeError as e:
+                self.get_logger().error(str(e))
+
+
+def _decode_string(raw: bytes) -> str:
+    """std_msgs/String CDR -> text (4-byte encapsulation, uint32 length incl. NUL, bytes)."""
+    data = bytes(raw)
+    if len(data) < 8:
+        return ""
+    order = "little" if data[1] == 1 else "big"
+    n = int.from_bytes(data[4:8], order)
+    return data[8:8 + max(n - 1, 0)].decode("utf-8", errors="replace")
+
+
+def _decode_bool(raw: bytes) -> bool:
+    """std_msgs/Bool CDR -> value (4-byte encapsulation, then one byte)."""
+    data = bytes(raw)
+    return len(data) >= 5 and data[4] != 0
+
+
+def main(args: list[str] | None = None) -> int:
+    """``record --ros-args -p contract:=config/contract_ee_arm.yaml -p output_dir:=bags``."""
+    rclpy.init(args=args)
+    node = None
+    try:
+        node = EpisodeRecorder()
+        rclpy.spin(node)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except ValueError as e:
+        print(f"record: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if node is not None:
+            node.close()
+            node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

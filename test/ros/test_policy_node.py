@@ -1,0 +1,531 @@
+"""The policy node over real rclpy / Fast DDS, with a tiny real Q-Transformer policy.
+
+A test node plays the robot: it publishes camera frames at 30 Hz and an instruction, and records
+every command the policy node sends. Checked: commands of the right type, size and range on every
+contract output (TwistStamped + Float64MultiArray, and JointTrajectory with delta dims on top of
+/joint_states), a stale camera gives exactly one stop and then silence, an instruction change clears
+the history, bad frames give a warning and no crash, the scoring service answers, ``~/enable false``
+stops the commands, and the parameter file and launch file are well formed.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import py_compile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+DOMAIN_ID = 43  # this file's own DDS domain (the policy-node tests own 41-49)
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image as PILImage
+
+rclpy = pytest.importorskip("rclpy")
+
+from geometry_msgs.msg import TwistStamped  # noqa: E402
+from rclpy.executors import MultiThreadedExecutor  # noqa: E402
+from rclpy.node import Node  # noqa: E402
+from rclpy.parameter import Parameter  # noqa: E402
+from sensor_msgs.msg import CompressedImage, Image, JointState  # noqa: E402
+from std_msgs.msg import Float64MultiArray, String  # noqa: E402
+from std_srvs.srv import SetBool  # noqa: E402
+from trajectory_msgs.msg import JointTrajectory  # noqa: E402
+
+from q_transformer_ros.data.contract import RobotContract, parse_contract  # noqa: E402
+from q_transformer_ros.ros.policy_node import ManagedPolicyNode, PolicyNode, load_interfaces  # noqa: E402
+from q_transformer_ros.ros.qos import COMMAND_QOS, DIAGNOSTIC_QOS, INSTRUCTION_QOS, SENSOR_QOS  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+DecisionMsg, ScoreInstructions = load_interfaces()
+needs_interfaces = pytest.mark.skipif(DecisionMsg is None, reason="q_transformer_ros msg/srv not built (run scripts/colcon_build.sh)")
+
+JOINTS = ["j1", "j2", "j3"]
+INSTRUCTIONS = ["pick up the block", "open the drawer", "close the drawer", "wave"]
+
+
+def ee_contract() -> RobotContract:
+    """Like config/contract_ee_arm.yaml (TwistStamped + Float64MultiArray, stop 'zero'), tiny images."""
+    def dim(name: str, topic: str, msg_type: str, field: str, frame_id: str = "") -> dict:
+        ref = {"topic": topic, "msg_type": msg_type, "field": field}
+        return {"name": name, "low": -0.5, "high": 1.0, "bins": 8, "source": ref, "target": {**ref, "frame_id": frame_id}}
+
+    return parse_contract({
+        "name": "ee_test", "control_rate_hz": 10.0, "frame_history": 2, "max_frame_age_s": 0.3, "stop_behaviour": "zero",
+        "cameras": [{"name": "front", "topic": "/t/front/image_raw", "height": 32, "width": 32}],
+        "instruction": {"topic": "/t/instruction"}, "success": {"topic": "/t/success"},
+        "action_dims": [
+            dim("dx", "/t/ee_cmd", "geometry_msgs/msg/TwistStamped", "twist.linear.x", "base_link"),
+            dim("dz", "/t/ee_cmd", "geometry_msgs/msg/TwistStamped", "twist.linear.z", "base_link"),
+            dim("yaw", "/t/ee_cmd", "geometry_msgs/msg/TwistStamped", "twist.angular.z", "base_link"),
+            dim("gripper", "/t/gripper_cmd", "std_msgs/msg/Float64MultiArray", "data[0]"),
+        ],
+    })
+
+
+def joint_contract() -> RobotContract:
+    """Like config/contract_joint_arm.yaml: JointTrajectory, delta dims, stop 'hold', two cameras (one compressed)."""
+    dims = []
+    for i, j in enumerate(JOINTS):
+        dims.append({
+            "name": j, "low": -0.1, "high": 0.1, "bins": 16, "mode": "delta",
+            "source": {"topic": "/t/joint_states", "msg_type": "sensor_msgs/msg/JointState", "field": f"position[{i}]", "joint": j},
+            "target": {"topic": "/t/arm/joint_trajectory", "msg_type": "trajectory_msgs/msg/JointTrajectory",
+                       "field": f"points[0].positions[{i}]", "joint": j},
+        })
+    return parse_contract({
+        "name": "joint_test", "control_rate_hz": 10.0, "frame_history": 3, "max_frame_age_s": 0.3, "stop_behaviour": "hold",
+        "cameras": [
+            {"name": "wrist", "topic": "/t/wrist/image_raw", "height": 32, "width": 32},
+            {"name": "scene", "topic": "/t/scene/image_raw/compressed", "msg_type": "sensor_msgs/msg/CompressedImage",
+             "height": 32, "width": 32},
+        ],
+        "instruction": {"topic": "/t/instruction"}, "success": {"topic": "/t/success"},
+        "action_dims": dims,
+    })
+
+
+def make_tiny_checkpoint(contract: RobotContract, path: Path) -> Path:
+    """A real checkpoint file of a tiny, randomly initialised network and a tiny random text tower."""
+    import torch  # noqa: PLC0415
+
+    from q_transformer_ros.core.checkpoint import save_checkpoint  # noqa: PLC0415
+    from q_transformer_ros.core.model import ModelConfig, QTransformerNet  # noqa: PLC0415
+    from q_transformer_ros.core.text_encoder import TextEncoderConfig  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    text = TextEncoderConfig(pretrained=None, text_overrides={"width": 32, "layers": 1, "heads": 2, "embed_dim": 32})
+    cfg = ModelConfig.preset("tiny", contract, text_dim=32)
+    net = QTransformerNet(cfg)
+    # Embeddings of the instructions "seen in training" travel in the checkpoint, as the trainer writes them,
+    # so the text model is never built here.
+    return save_checkpoint(path, {
+        "contract": contract.to_dict(), "model_config": cfg.to_dict(), "text_encoder": text.to_dict(),
+        "objective": "q_learning", "model": net.state_dict(), "step": 0,
+        "instruction_embeddings": {"texts": INSTRUCTIONS, "embeddings": torch.randn(len(INSTRUCTIONS), 32)},
+    })
+
+
+def tiny_policy(contract: RobotContract, tmp_path: Path) -> Any:
+    """A real QTransformerPolicy loaded from a tiny checkpoint file (what the node does with ``checkpoint``)."""
+    from q_transformer_ros.core.policy import QTransformerPolicy  # noqa: PLC0415
+
+    ckpt = make_tiny_checkpoint(contract, tmp_path / f"{contract.name}.pt")
+    return QTransformerPolicy.from_checkpoint(ckpt, device="cpu")
+
+
+class SpyPolicy:
+    """Wraps the real policy and records the calls the node makes (reset / push_frames / decide)."""
+
+    def __init__(self, policy: Any) -> None:
+        self._policy = policy
+        self.resets: list[Any] = []
+        self.pushes_since_reset = 0
+        self.history_at_decide: list[int] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._policy, name)
+
+    def reset(self, instruction: str | None = None) -> None:
+        self.resets.append(instruction)
+        self.pushes_since_reset = 0
+        self._policy.reset(instruction)
+
+    def push_frames(self, frames: dict) -> None:
+        self.pushes_since_reset += 1
+        self._policy.push_frames(frames)
+
+    fail_with: Exception | None = None
+    """Set to make the next decisions raise (fault injection: a NaN or a CUDA error in the model)."""
+
+    def decide(self) -> Any:
+        self.history_at_decide.append(self.pushes_since_reset)
+        if self.fail_with is not None:
+            raise self.fail_with
+        return self._policy.decide()
+
+
+class FakeRobot(Node):
+    """Plays the robot: cameras at 30 Hz, joint states, instruction; records commands and decisions."""
+
+    def __init__(self, contract: RobotContract) -> None:
+        super().__init__("fake_robot")
+        self.contract = contract
+        self.lock = threading.Lock()
+        self.commands: dict[str, list[tuple[float, Any]]] = {}
+        self.decisions: list[Any] = []
+        self.camera_mode = {cam.name: "good" for cam in contract.cameras}
+        self.joint_positions = np.array([0.3, -0.2, 0.1])
+        self._cam_pubs = {
+            cam.name: self.create_publisher(CompressedImage if cam.msg_type.endswith("CompressedImage") else Image, cam.topic, SENSOR_QOS)
+            for cam in contract.cameras
+        }
+        self.instruction_pub = self.create_publisher(String, contract.instruction.topic, INSTRUCTION_QOS)
+        self.joint_pub = self.create_publisher(JointState, "/t/joint_states", SENSOR_QOS)
+        types = {"geometry_msgs/msg/TwistStamped": TwistStamped, "std_msgs/msg/Float64MultiArray": Float64MultiArray,
+                 "trajectory_msgs/msg/JointTrajectory": JointTrajectory}
+        for topic in {d.target.topic for d in contract.action_dims}:
+            msg_type = next(d.target.msg_type for d in contract.action_dims if d.target.topic == topic)
+            self.commands[topic] = []
+            self.create_subscription(types[msg_type], topic, self._recorder(topic), COMMAND_QOS)
+        if DecisionMsg is not None:
+            self.create_subscription(DecisionMsg, "/policy_node/decision", self._on_decision, DIAGNOSTIC_QOS)
+        self.frame_count = 0
+        self.timer = self.create_timer(1 / 30, self._publish_sensors)
+
+    def _recorder(self, topic: str):
+        def record(msg: Any) -> None:
+            with self.lock:
+                self.commands[topic].append((time.monotonic(), msg))
+        return record
+
+    def _on_decision(self, msg: Any) -> None:
+        with self.lock:
+            self.decisions.append(msg)
+
+    def image(self, cam_name: str, mode: str) -> Any:
+        h, w = 48, 64
+        rgb = np.random.default_rng(self.frame_count).integers(0, 255, (h, w, 3), dtype=np.uint8)
+        stamp = self.get_clock().now().to_msg()
+        if isinstance(self._cam_pubs[cam_name].msg_type(), CompressedImage):
+            buf = io.BytesIO()
+            PILImage.fromarray(rgb).save(buf, format="PNG")
+            data = buf.getvalue() if mode != "bad_size" else b"not a png"
+            return CompressedImage(header=self._header(stamp), format="png" if mode != "bad_encoding" else "bogus", data=data)
+        msg = Image(header=self._header(stamp), height=h, width=w, encoding="rgb8", step=w * 3, data=rgb.tobytes())
+        if mode == "bad_encoding":
+            msg.encoding = "yuv_nonsense"
+        elif mode == "bad_size":
+            msg.data = rgb.tobytes()[: h * w]  # a third of the bytes the header promises
+        return msg
+
+    @staticmethod
+    def _header(stamp: Any) -> Any:
+        from std_msgs.msg import Header  # noqa: PLC0415
+        return Header(stamp=stamp, frame_id="camera")
+
+    def _publish_sensors(self) -> None:
+        self.frame_count += 1
+        for name, pub in self._cam_pubs.items():
+            mode = self.camera_mode[name]
+            if mode != "off":
+                pub.publish(self.image(name, mode))
+        self.joint_pub.publish(JointState(name=list(JOINTS), position=[float(p) for p in self.joint_positions]))
+
+    def count(self, topic: str) -> int:
+        with self.lock:
+            return len(self.commands[topic])
+
+    def since(self, topic: str, t0: float) -> list[Any]:
+        with self.lock:
+            return [m for t, m in self.commands[topic] if t >= t0]
+
+
+class Harness:
+    """Policy node + fake robot on one MultiThreadedExecutor in a background thread."""
+
+    def __init__(self, contract: RobotContract, policy: Any, managed: bool = False, **params: Any) -> None:
+        overrides = [Parameter(k, value=v) for k, v in params.items()]
+        self.policy = SpyPolicy(policy)
+        node_cls = ManagedPolicyNode if managed else PolicyNode
+        self.node = node_cls(self.policy, parameter_overrides=overrides)
+        self.robot = FakeRobot(contract)
+        self.executor = MultiThreadedExecutor(num_threads=4)
+        self.executor.add_node(self.node)
+        self.executor.add_node(self.robot)
+        self.clients: dict[str, Any] = {}
+        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self.thread.start()
+
+    def wait_for(self, predicate, timeout: float = 8.0, what: str = "condition") -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            time.sleep(0.02)
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+    def call(self, srv_type: Any, name: str, request: Any) -> Any:
+        if name not in self.clients:  # clients live as long as the robot node (destroying one mid-spin races the executor)
+            self.clients[name] = self.robot.create_client(srv_type, name)
+        client = self.clients[name]
+        assert client.wait_for_service(timeout_sec=5.0), f"service {name} not available"
+        future = client.call_async(request)
+        self.wait_for(future.done, what=f"answer of {name}")
+        return future.result()
+
+    def close(self) -> None:
+        self.executor.shutdown(timeout_sec=5.0)  # waits for running callbacks (a slow step on a busy machine)
+        self.thread.join(timeout=5.0)
+        self.node.destroy_node()
+        self.robot.destroy_node()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ros_context():
+    """Set the DDS environment right before rclpy.init (other test modules may change os.environ at import)."""
+    saved = {k: os.environ.get(k) for k in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE")}
+    os.environ["ROS_DOMAIN_ID"] = str(DOMAIN_ID)
+    os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+    rclpy.init(domain_id=DOMAIN_ID)
+    yield
+    rclpy.try_shutdown()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def policies(tmp_path_factory):
+    """One real policy per contract for the whole module (each node resets it on start)."""
+    tmp = tmp_path_factory.mktemp("checkpoints")
+    return {"ee": tiny_policy(ee_contract(), tmp), "joint": tiny_policy(joint_contract(), tmp)}
+
+
+@pytest.fixture
+def ee(policies):
+    h = Harness(ee_contract(), policies["ee"])
+    yield h
+    h.close()
+
+
+@pytest.fixture
+def joint(policies):
+    h = Harness(joint_contract(), policies["joint"])
+    yield h
+    h.close()
+
+
+def start(h: Harness, instruction: str = "pick up the block") -> None:
+    h.robot.instruction_pub.publish(String(data=instruction))
+    for topic in h.robot.commands:
+        h.wait_for(lambda t=topic: h.robot.count(t) >= 3, what=f"3 commands on {topic}")
+
+
+def test_ee_arm_commands_type_size_range(ee: Harness) -> None:
+    start(ee)
+    c = ee.node.contract
+    twists = ee.robot.since("/t/ee_cmd", 0)
+    grips = ee.robot.since("/t/gripper_cmd", 0)
+    assert all(isinstance(m, TwistStamped) for m in twists)
+    assert all(isinstance(m, Float64MultiArray) for m in grips)
+    now_ns = ee.node.get_clock().now().nanoseconds
+    for m in twists:
+        assert m.header.frame_id == "base_link"
+        assert 0 < now_ns - (m.header.stamp.sec * 10**9 + m.header.stamp.nanosec) < 10 * 10**9
+        for value, d in zip((m.twist.linear.x, m.twist.linear.z, m.twist.angular.z), c.action_dims[:3]):
+            assert d.low <= value <= d.high
+        assert m.twist.linear.y == 0.0 and m.twist.angular.x == 0.0
+    for m in grips:
+        assert len(m.data) == 1 and -0.5 <= m.data[0] <= 1.0
+    # commands are bin centres of the contract's discretization (de-discretized by the policy)
+    centres = c.bins_to_actions(np.stack([np.arange(8)] * 4, axis=1))
+    assert any(np.isclose(twists[-1].twist.linear.x, centres[:, 0]))
+    assert any(np.isclose(grips[-1].data[0], centres[:, 3]))
+    assert ee.node.decisions >= 3 and ee.node.stops == 0
+    if DecisionMsg is not None:
+        ee.wait_for(lambda: any(d.commanded for d in ee.robot.decisions), what="a commanded Decision")
+        d = next(d for d in reversed(ee.robot.decisions) if d.commanded)
+        assert list(d.dim_names) == ["dx", "dz", "yaw", "gripper"]
+        assert len(d.bins) == 4 and all(0 <= b < 8 for b in d.bins)
+        np.testing.assert_allclose(d.action, c.bins_to_actions(np.array(d.bins)), atol=1e-6)
+        assert all(0.0 <= q <= 1.0 for q in d.q_values) and 0.0 <= d.value <= 1.0
+        assert list(d.camera_names) == ["front"] and 0 <= d.frame_age_s[0] < 0.3
+        assert d.instruction == "pick up the block" and d.inference_time_s > 0
+
+
+def test_joint_trajectory_delta_commands_and_hold_on_stale(joint: Harness) -> None:
+    start(joint)
+    c = joint.node.contract
+    trajs = joint.robot.since("/t/arm/joint_trajectory", 0)
+    for m in trajs:
+        assert isinstance(m, JointTrajectory)
+        assert list(m.joint_names) == JOINTS
+        assert len(m.points) == 1 and len(m.points[0].positions) == 3
+        tfs = m.points[0].time_from_start
+        assert tfs.sec + tfs.nanosec * 1e-9 == pytest.approx(0.1)
+        delta = np.array(m.points[0].positions) - joint.robot.joint_positions
+        assert np.all(delta >= c.action_low - 1e-9) and np.all(delta <= c.action_high + 1e-9), delta
+    # 'hold': a stale camera stops the commands and sends nothing in their place
+    joint.robot.camera_mode["scene"] = "off"
+    joint.wait_for(lambda: joint.node.stops == 1, what="stop on stale scene camera")
+    t0 = time.monotonic()
+    time.sleep(0.8)
+    assert joint.robot.since("/t/arm/joint_trajectory", t0) == []
+    assert joint.node.stops == 1
+
+
+def test_stale_camera_gives_exactly_one_zero_stop(ee: Harness) -> None:
+    start(ee)
+    ee.robot.camera_mode["front"] = "off"
+    t_off = time.monotonic()
+    ee.wait_for(lambda: ee.node.stops == 1, what="stop on stale camera")
+    time.sleep(1.0)  # ten more control periods: nothing may follow the stop
+    twists = ee.robot.since("/t/ee_cmd", t_off)
+    grips = ee.robot.since("/t/gripper_cmd", t_off)
+    # commands made from still-fresh frames (< max_frame_age_s) may come first, then exactly one stop
+    assert len(twists) <= 1 + int(0.3 * 10) + 1
+    last = twists[-1].twist
+    assert (last.linear.x, last.linear.y, last.linear.z, last.angular.z) == (0.0, 0.0, 0.0, 0.0)
+    assert grips[-1].data[0] == 0.0
+    n_after_stop = len(ee.robot.since("/t/ee_cmd", time.monotonic() - 0.7))
+    assert n_after_stop == 0 and ee.node.stops == 1
+    # frames come back: commands resume on a fresh history
+    resets_before = len(ee.policy.resets)
+    ee.robot.camera_mode["front"] = "good"
+    ee.wait_for(lambda: ee.node.decisions >= 1 and len(ee.robot.since("/t/ee_cmd", time.monotonic() - 0.3)) >= 2,
+                what="commands after recovery")
+    assert len(ee.policy.resets) > resets_before
+    assert ee.policy.history_at_decide[len(ee.policy.history_at_decide) - 1] >= 1
+
+
+def test_instruction_change_clears_history(ee: Harness) -> None:
+    start(ee, "open the drawer")
+    ee.wait_for(lambda: ee.policy.pushes_since_reset >= 3, what="history of 3 frames")
+    n_decide = len(ee.policy.history_at_decide)
+    ee.robot.instruction_pub.publish(String(data="close the drawer"))
+    ee.wait_for(lambda: "close the drawer" in ee.policy.resets, what="reset with the new instruction")
+    ee.wait_for(lambda: len(ee.policy.history_at_decide) > n_decide + 2, what="decisions after the change")
+    after = ee.policy.history_at_decide[n_decide:]
+    # the first decision after the change saw exactly one frame per camera, then the history grows again
+    assert 1 in after and after[after.index(1) + 1] == 2
+    assert ee.policy.resets[-1] == "close the drawer"
+    # re-publishing the same text does not clear the history again
+    resets = len(ee.policy.resets)
+    ee.robot.instruction_pub.publish(String(data="close the drawer"))
+    time.sleep(0.4)
+    assert len(ee.policy.resets) == resets
+
+
+@pytest.mark.parametrize("mode", ["bad_encoding", "bad_size"])
+def test_bad_frames_warn_and_node_keeps_running(joint: Harness, mode: str) -> None:
+    start(joint)
+    joint.robot.camera_mode["wrist"] = mode
+    joint.robot.camera_mode["scene"] = mode
+    joint.wait_for(lambda: joint.node._bad_frames["wrist"] >= 3 and joint.node._bad_frames["scene"] >= 3,
+                   what="bad frames counted")
+    joint.wait_for(lambda: joint.node.stops == 1, what="stop (bad frames are no frames)")
+    joint.robot.camera_mode["wrist"] = "good"
+    joint.robot.camera_mode["scene"] = "good"
+    t0 = time.monotonic()
+    joint.wait_for(lambda: len(joint.robot.since("/t/arm/joint_trajectory", t0)) >= 3, what="commands after good frames return")
+
+
+@needs_interfaces
+def test_score_instructions_service(ee: Harness) -> None:
+    start(ee)
+    req = ScoreInstructions.Request(instructions=["pick up the block", "open the drawer", "wave"])
+    res = ee.call(ScoreInstructions, "/policy_node/score_instructions", req)
+    assert res.success, res.message
+    assert list(res.instructions) == list(req.instructions)
+    assert len(res.values) == 3 and all(0.0 <= v <= 1.0 for v in res.values)
+    assert res.stamp.sec > 0
+    empty = ee.call(ScoreInstructions, "/policy_node/score_instructions", ScoreInstructions.Request(instructions=[]))
+    assert not empty.success and "no instructions" in empty.message
+
+
+def test_enable_false_stops_commands(ee: Harness) -> None:
+    start(ee)
+    t0 = time.monotonic()
+    res = ee.call(SetBool, "/policy_node/enable", SetBool.Request(data=False))
+    assert res.success
+    ee.wait_for(lambda: ee.node.stops == 1, what="stop after disable")
+    time.sleep(0.2)  # let the stop arrive
+    after = ee.robot.since("/t/ee_cmd", t0)
+    assert 1 <= len(after) <= 2  # at most one command in flight, then the single zero stop
+    assert after[-1].twist.linear.x == 0.0 and after[-1].twist.angular.z == 0.0
+    t_stop = time.monotonic()
+    time.sleep(0.6)
+    assert ee.robot.since("/t/ee_cmd", t_stop) == [] and ee.robot.since("/t/gripper_cmd", t_stop) == []
+    ee.call(SetBool, "/policy_node/enable", SetBool.Request(data=True))
+    t1 = time.monotonic()
+    ee.wait_for(lambda: len(ee.robot.since("/t/ee_cmd", t1)) >= 2, what="commands after enable")
+
+
+def test_inference_error_stops_once_and_node_recovers(ee: Harness) -> None:
+    start(ee)
+    t0 = time.monotonic()
+    ee.policy.fail_with = FloatingPointError("policy produced non-finite Q values [nan]")
+    ee.wait_for(lambda: ee.node.stops == 1, what="stop after inference error")
+    time.sleep(0.5)  # several failing steps: still one stop only
+    after = ee.robot.since("/t/ee_cmd", t0)
+    assert after and after[-1].twist.linear.x == 0.0 and ee.node.stops == 1
+    n = len(after)
+    ee.policy.fail_with = None
+    ee.wait_for(lambda: len(ee.robot.since("/t/ee_cmd", t0)) >= n + 2, what="commands after the error cleared")
+
+
+def test_node_loads_checkpoint_parameter(tmp_path) -> None:
+    contract = ee_contract()
+    ckpt = make_tiny_checkpoint(contract, tmp_path / "model.pt")
+    node = PolicyNode(parameter_overrides=[Parameter("checkpoint", value=str(ckpt)), Parameter("device", value="cpu"),
+                                           Parameter("camera_topics", value=["front:=/robot/cam"]),
+                                           Parameter("output_topics", value=["/t/ee_cmd:=/robot/ee_cmd"])])
+    try:
+        assert node.contract.fingerprint() == contract.fingerprint()
+        assert node.camera_topics == {"front": "/robot/cam"}
+        assert [g.topic for g in node.outputs] == ["/robot/ee_cmd", "/t/gripper_cmd"]
+    finally:
+        node.destroy_node()
+    with pytest.raises(Exception, match="missing.pt"):
+        PolicyNode(parameter_overrides=[Parameter("checkpoint", value=str(tmp_path / "missing.pt"))])
+
+
+def test_without_built_interfaces_the_node_still_commands(policies, monkeypatch) -> None:
+    """The pip path: no q_transformer_ros msg/srv. Commands still flow; no ~/decision, no scoring service."""
+    import q_transformer_ros.ros.policy_node as policy_node_module  # noqa: PLC0415
+
+    monkeypatch.setattr(policy_node_module, "load_interfaces", lambda: (None, None))
+    h = Harness(ee_contract(), policies["ee"])
+    try:
+        start(h)
+        assert h.node._decision_pub is None
+        services = {name for name, _ in h.node.get_service_names_and_types_by_node("policy_node", "/")}
+        assert "/policy_node/enable" in services and "/policy_node/score_instructions" not in services
+    finally:
+        h.close()
+
+
+def test_no_instruction_means_no_command(ee: Harness) -> None:
+    time.sleep(0.6)  # frames flow, but the contract needs an instruction and none was sent
+    assert ee.robot.count("/t/ee_cmd") == 0 and ee.node.decisions == 0
+
+
+def test_policy_yaml_parameters_are_declared_and_launch_file_compiles(ee: Harness) -> None:
+    params = yaml.safe_load((REPO / "config" / "policy.yaml").read_text())["policy_node"]["ros__parameters"]
+    declared = set(ee.node._parameters)
+    assert set(params) <= declared, set(params) - declared
+    for name, value in params.items():
+        if value not in ([], None):
+            assert type(ee.node.get_parameter(name).value) is type(value), name
+    py_compile.compile(str(REPO / "launch" / "policy.launch.py"), doraise=True)
+
+
+def test_managed_node_lifecycle(policies) -> None:
+    from rclpy.lifecycle import TransitionCallbackReturn  # noqa: PLC0415
+
+    h = Harness(ee_contract(), policies["ee"], managed=True)
+    try:
+        h.robot.instruction_pub.publish(String(data="pick up the block"))
+        time.sleep(0.3)
+        assert h.robot.count("/t/ee_cmd") == 0  # unconfigured: no subscriptions, no commands
+        assert h.node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+        time.sleep(0.6)
+        assert h.robot.count("/t/ee_cmd") == 0  # configured, inactive: still no commands
+        assert h.node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+        h.wait_for(lambda: h.robot.count("/t/ee_cmd") >= 3, what="commands once active")
+        t0 = time.monotonic()
+        assert h.node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS
+        time.sleep(0.6)
+        after = h.robot.since("/t/ee_cmd", t0)
+        assert len(after) <= 2 and after[-1].twist.linear.x == 0.0  # the stop, at most one command in flight
+        assert h.robot.since("/t/ee_cmd", time.monotonic() - 0.4) == []
+        assert h.node.trigger_cleanup() == TransitionCallbackReturn.SUCCESS
+    finally:
+        h.close()
