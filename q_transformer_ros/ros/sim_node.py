@@ -1,0 +1,315 @@
+"""`sim_node`: Meta-World as a ROS 2 robot that speaks a robot contract.
+
+The node plays the robot of ``config/contract_ee_arm.yaml`` (or any contract whose action dims are
+``dx, dy, dz, gripper``): it steps the simulator at the contract's control rate with the latest
+command and publishes what a real arm with a camera would.
+
+Published (every control step, stamped with the node clock):
+
+- each contract camera: ``sensor_msgs/Image`` rgb8, upright, at the contract size, sensor-data QoS;
+  ``header.frame_id`` = the Meta-World camera name.
+- the contract's success topic (``/success``): ``std_msgs/Bool``, Meta-World's success flag.
+- ``~/ee_pose``: ``geometry_msgs/PoseStamped`` of the hand (tool centre) in frame ``world``.
+- ``~/observation``: ``std_msgs/Float64MultiArray``, Meta-World's 39-d observation (hand xyz,
+  gripper opening, object poses, the same one step earlier, goal xyz); the scripted expert needs it.
+
+Published on every reset (latched, transient-local): the contract's instruction topic
+(``/instruction``, the task's sentence) and ``~/task`` (the Meta-World task name).
+Published when an episode ends: ``~/episode_end`` ``std_msgs/String`` = ``success`` (first success
+step, with ``end_on_success``) or ``truncated`` (``max_episode_steps`` reached). The sim then holds
+(no stepping, frames keep coming) until the next reset.
+
+Subscribed (reliable): each contract target topic (``/ee_cmd`` TwistStamped -> dx, dy, dz;
+``/gripper_cmd`` Float64MultiArray -> gripper). Values are Meta-World action units, clipped to
+[-1, 1] (1.0 = 1 cm of hand motion per step; gripper -1 open, +1 close). A topic silent for longer
+than ``command_timeout_s`` (and before its first message after a reset) counts as zero.
+
+Service ``~/reset`` (``std_srvs/Trigger``) starts an episode of the parameters ``task`` and
+``seed`` (set them first, e.g. through ``~/set_parameters``); its message reports task, seed and
+instruction. Standard types only: no custom srv needs building.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import rclpy
+from geometry_msgs.msg import PoseStamped
+from rcl_interfaces.msg import ParameterDescriptor, ParameterType, SetParametersResult
+from rclpy.exceptions import ParameterUninitializedException
+from rclpy.executors import ExternalShutdownException
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from sensor_msgs.msg import Image
+from std_msgs.msg import Bool, Float64MultiArray, MultiArrayDimension, String
+from std_srvs.srv import Trigger
+
+from q_transformer_ros.data.contract import RobotContract, load_contract
+from q_transformer_ros.data.messages import read_field
+from q_transformer_ros.ros.conversions import group_outputs, message_class
+from q_transformer_ros.ros.qos import COMMAND_QOS, DIAGNOSTIC_QOS, INSTRUCTION_QOS, SENSOR_QOS
+from q_transformer_ros.sim.metaworld_env import (
+    MetaWorldEnv,
+    SimConfig,
+    contract_action_order,
+    resolve_cameras,
+)
+from q_transformer_ros.sim.tasks import TASK_INSTRUCTIONS
+
+NODE_NAME = "sim_node"
+DEFAULT_CONTRACT = "contract_ee_arm.yaml"
+
+
+def default_contract_path(file_name: str = DEFAULT_CONTRACT) -> Path:
+    """``config/<file_name>`` from the installed share directory, else from the source checkout."""
+    candidates = []
+    try:
+        from ament_index_python.packages import get_package_share_directory  # noqa: PLC0415
+
+        candidates.append(Path(get_package_share_directory("q_transformer_ros")) / "config" / file_name)
+    except Exception:  # noqa: BLE001 - not installed through colcon: fall back to the checkout
+        pass
+    if os.environ.get("QTR_REPO_ROOT"):
+        candidates.append(Path(os.environ["QTR_REPO_ROOT"]) / "config" / file_name)
+    candidates.append(Path(__file__).resolve().parents[2] / "config" / file_name)
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"contract file {file_name} not found; looked in {[str(p) for p in candidates]}")
+
+
+def parse_pairs(items: list[str] | None, what: str) -> dict[str, str]:
+    """``['front:=corner']`` -> ``{'front': 'corner'}``; errors name the parameter and the item."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition(":=")
+        if not sep or not key or not value:
+            raise ValueError(f"parameter '{what}': item {item!r} is not of the form 'name:=value'")
+        out[key] = value
+    return out
+
+
+class SimNode(Node):
+    """Steps a MetaWorldEnv at the contract's rate with the latest commands; publishes its senses."""
+
+    def __init__(self, *, node_name: str = NODE_NAME, **node_kwargs: Any) -> None:
+        super().__init__(node_name, **node_kwargs)
+        self._declare_parameters()
+        contract_file = self._param("contract") or str(default_contract_path())
+        self.contract: RobotContract = load_contract(contract_file)
+        c = self.contract
+        self._order = contract_action_order([d.name for d in c.action_dims], where=f"{contract_file} action_dims")
+        self.camera_map = resolve_cameras([cam.name for cam in c.cameras], parse_pairs(self._param("camera_map"), "camera_map"))
+        rate = self._param("control_rate_hz") or c.control_rate_hz
+        self.period_s = 1.0 / rate
+        self.command_timeout_s = self._param("command_timeout_s") or c.max_frame_age_s
+        self.end_on_success = bool(self._param("end_on_success"))
+        self.world_frame = self._param("world_frame")
+
+        self.env: MetaWorldEnv | None = None
+        self.episode_active = False
+        self.episode_index = -1
+        self.end_reason = ""
+        self._reset_time = 0.0
+        # latest command per target topic: (receive time, {dim index: value})
+        self._commands: dict[str, tuple[float, dict[int, float]]] = {}
+
+        self._image_pubs = {cam.name: self.create_publisher(Image, cam.topic, SENSOR_QOS) for cam in c.cameras}
+        self._instruction_pub = (self.create_publisher(String, c.instruction.topic, INSTRUCTION_QOS)
+                                 if c.instruction.topic else None)
+        self._success_pub = self.create_publisher(Bool, c.success.topic, DIAGNOSTIC_QOS) if c.success.topic else None
+        self._task_pub = self.create_publisher(String, "~/task", INSTRUCTION_QOS)
+        self._end_pub = self.create_publisher(String, "~/episode_end", DIAGNOSTIC_QOS)
+        self._pose_pub = self.create_publisher(PoseStamped, "~/ee_pose", SENSOR_QOS)
+        self._obs_pub = self.create_publisher(Float64MultiArray, "~/observation", DIAGNOSTIC_QOS)
+        for group in group_outputs(c):
+            self.create_subscription(message_class(group.msg_type), group.topic,
+                                     self._make_command_callback(group.topic, group.dims, group.refs), COMMAND_QOS)
+        self.create_service(Trigger, "~/reset", self._on_reset)
+        self.add_on_set_parameters_callback(self._check_parameters)
+        if self._param("reset_on_start"):
+            self.reset_episode(self._param("task"), self._param("seed"))
+        self._timer = self.create_timer(self.period_s, self._on_tick)
+        self.get_logger().info(
+            f"contract '{c.name}' ({contract_file}): cameras {self.camera_map}, {rate:g} Hz, "
+            f"commands {[g.topic for g in group_outputs(c)]}, timeout {self.command_timeout_s:g} s, "
+            f"max_episode_steps {self._param('max_episode_steps')}"
+        )
+
+    # -- parameters ---------------------------------------------------------------------------
+    def _declare_parameters(self) -> None:
+        def declare(name: str, default: Any, kind: int, description: str) -> None:
+            self.declare_parameter(name, default, ParameterDescriptor(name=name, type=kind, description=description))
+
+        S, D, B, I, SA = (ParameterType.PARAMETER_STRING, ParameterType.PARAMETER_DOUBLE, ParameterType.PARAMETER_BOOL,
+                          ParameterType.PARAMETER_INTEGER, ParameterType.PARAMETER_STRING_ARRAY)
+        declare("contract", "", S, "Robot contract YAML; empty = config/contract_ee_arm.yaml of this package.")
+        declare("task", "drawer-open-v3", S, "Meta-World task of the next reset (e.g. drawer-open-v3).")
+        declare("seed", 0, I, "Layout seed of the next reset (>= 0).")
+        declare("max_episode_steps", 150, I, "Steps after which an episode ends as 'truncated'.")
+        declare("end_on_success", True, B, "End the episode at its first success step (else run to the time limit).")
+        declare("camera_map", Parameter.Type.STRING_ARRAY, SA,
+                "Contract camera -> Meta-World camera as 'front:=corner' items; unlisted cameras use their own "
+                "name if Meta-World has it, else 'corner'.")
+        declare("control_rate_hz", 0.0, D, "Step rate override in Hz; 0 = the contract's control rate.")
+        declare("command_timeout_s", 0.0, D, "Commands older than this count as zero; 0 = the contract's max_frame_age_s.")
+        declare("reset_on_start", True, B, "Start an episode of task/seed at start-up (else wait for ~/reset).")
+        declare("world_frame", "world", S, "frame_id of ~/ee_pose.")
+
+    def _param(self, name: str) -> Any:
+        try:
+            return self.get_parameter(name).value
+        except ParameterUninitializedException:  # an empty list parameter
+            return None
+
+    def _check_parameters(self, params: list[Parameter]) -> SetParametersResult:
+        for p in params:
+            if p.name == "task" and p.value not in TASK_INSTRUCTIONS:
+                return SetParametersResult(successful=False, reason=f"task {p.value!r} is no Meta-World v3 task")
+            if p.name == "seed" and p.value < 0:
+                return SetParametersResult(successful=False, reason=f"seed {p.value} must be >= 0")
+            if p.name == "max_episode_steps" and p.value < 1:
+                return SetParametersResult(successful=False, reason=f"max_episode_steps {p.value} must be >= 1")
+        return SetParametersResult(successful=True)
+
+    # -- commands -----------------------------------------------------------------------------
+    def _make_command_callback(self, topic: str, dims: tuple[int, ...], refs: tuple[Any, ...]) -> Callable[[Any], None]:
+        def on_command(msg: Any) -> None:
+            try:
+                values = {i: float(read_field(msg, ref)) for i, ref in zip(dims, refs)}
+            except Exception as e:  # noqa: BLE001 - a malformed command must not kill the robot
+                self.get_logger().warning(f"command on {topic} ignored: {e}", throttle_duration_sec=2.0)
+                return
+            self._commands[topic] = (time.monotonic(), values)
+
+        return on_command
+
+    def current_action(self) -> np.ndarray:
+        """The Meta-World action (4,) from the freshest commands; stale or missing dims are 0."""
+        action = np.zeros(len(self.contract.action_dims))
+        now = time.monotonic()
+        for received, values in self._commands.values():
+            if received >= self._reset_time and now - received <= self.command_timeout_s:
+                for i, v in values.items():
+                    action[i] = v if np.isfinite(v) else 0.0
+        return np.clip(action[self._order], -1.0, 1.0)
+
+    # -- episodes -----------------------------------------------------------------------------
+    def reset_episode(self, task: str, seed: int) -> str:
+        """Start an episode of ``task`` with layout ``seed`` and publish its first frame; returns the instruction."""
+        max_steps = int(self._param("max_episode_steps"))
+        if self.env is None or self.env.task_name != task:
+            if self.env is not None:
+                self.env.close()
+            cam0 = self.contract.cameras[0]
+            self.env = MetaWorldEnv(SimConfig(task=task, cameras=tuple(dict.fromkeys(self.camera_map.values())),
+                                              height=cam0.height, width=cam0.width, max_episode_steps=max_steps))
+        self.env.set_max_episode_steps(max_steps)
+        self.env.reset(int(seed))
+        self.episode_active, self.end_reason = True, ""
+        self.episode_index += 1
+        self._commands.clear()
+        self._reset_time = time.monotonic()
+        instruction = self.env.instruction
+        if self._instruction_pub is not None:
+            self._instruction_pub.publish(String(data=instruction))
+        self._task_pub.publish(String(data=task))
+        self._publish_state(step_success=None)
+        self.get_logger().info(f"episode {self.episode_index}: task {task} seed {seed}: '{instruction}'")
+        return instruction
+
+    def _on_reset(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        task, seed = self._param("task"), self._param("seed")
+        try:
+            instruction = self.reset_episode(task, seed)
+        except Exception as e:  # noqa: BLE001 - report to the caller, keep running
+            response.success, response.message = False, f"reset failed for task {task!r} seed {seed}: {type(e).__name__}: {e}"
+            self.get_logger().error(response.message)
+            return response
+        response.success = True
+        response.message = f"task={task} seed={seed} instruction={instruction!r}"
+        return response
+
+    def _end_episode(self, reason: str) -> None:
+        self.episode_active, self.end_reason = False, reason
+        self._end_pub.publish(String(data=reason))
+        assert self.env is not None
+        self.get_logger().info(f"episode {self.episode_index} ({self.env.task_name} seed {self.env.seed}) "
+                               f"ended: {reason} after {self.env.steps} steps")
+
+    def _on_tick(self) -> None:
+        if self.env is None:
+            return
+        if not self.episode_active:
+            self._publish_state(step_success=None)  # hold: frames keep coming for late subscribers
+            return
+        result = self.env.step(self.current_action())
+        self._publish_state(step_success=result.success)
+        if result.success and self.end_on_success:
+            self._end_episode("success")
+        elif self.env.truncated:
+            self._end_episode("truncated")
+
+    # -- publishing ---------------------------------------------------------------------------
+    def _publish_state(self, step_success: bool | None) -> None:
+        env = self.env
+        assert env is not None
+        stamp = self.get_clock().now().to_msg()
+        for cam in self.contract.cameras:
+            mw_cam = self.camera_map[cam.name]
+            pixels = env.render(mw_cam, cam.height, cam.width)
+            msg = Image()
+            msg.header.stamp, msg.header.frame_id = stamp, mw_cam
+            msg.height, msg.width, msg.encoding, msg.is_bigendian = cam.height, cam.width, "rgb8", 0
+            msg.step = cam.width * 3
+            msg.data = pixels.tobytes()
+            self._image_pubs[cam.name].publish(msg)
+        pose = PoseStamped()
+        pose.header.stamp, pose.header.frame_id = stamp, self.world_frame
+        x, y, z = env.ee_position
+        pose.pose.position.x, pose.pose.position.y, pose.pose.position.z = float(x), float(y), float(z)
+        pose.pose.orientation.w = 1.0
+        self._pose_pub.publish(pose)
+        obs = Float64MultiArray()
+        obs.layout.dim = [MultiArrayDimension(label="observation", size=len(env.obs), stride=len(env.obs))]
+        obs.data = env.obs.astype(float).tolist()
+        self._obs_pub.publish(obs)
+        if step_success is not None and self._success_pub is not None:
+            self._success_pub.publish(Bool(data=bool(step_success)))
+
+    def destroy_node(self) -> None:
+        env = getattr(self, "env", None)  # absent when __init__ failed (rclpy still destroys the node)
+        if env is not None:
+            env.close()
+            self.env = None
+        super().destroy_node()
+
+
+def main(args: list[str] | None = None) -> int:
+    """Entry point: ``sim_node --ros-args -p task:=drawer-open-v3 -p seed:=0 [-p contract:=...]``."""
+    rclpy.init(args=args)
+    node = None
+    try:
+        node = SimNode()
+        rclpy.spin(node)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except Exception as e:  # noqa: BLE001 - one clear line for set-up errors (bad contract, no GL)
+        if node is None:
+            rclpy.logging.get_logger(NODE_NAME).fatal(f"{type(e).__name__}: {e}")
+            rclpy.try_shutdown()
+            return 1
+        raise
+    finally:
+        if node is not None:
+            node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,99 @@
+"""Meta-World as a ``core.agent.BaseEnvironment``: the core Agent can collect data in the simulator
+without ROS (fast, in-process), in the contract's camera names, sizes and action order.
+
+Why both this and the sim node: the ROS path (sim node + recorder + converter) proves the product
+works as on a robot; this path makes large data sets and benchmark evaluations cheap. Both go
+through ``MetaWorldEnv`` and the same contract mapping (``contract_action_order``, ``resolve_cameras``),
+so frames and actions mean the same in both.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from einops import rearrange
+
+from q_transformer_ros.core.agent import BaseEnvironment, Observation
+from q_transformer_ros.data.contract import RobotContract
+from q_transformer_ros.sim.metaworld_env import MetaWorldEnv, ScriptedExpert, SimConfig, contract_action_order, resolve_cameras
+from q_transformer_ros.sim.tasks import TASK_INSTRUCTIONS
+
+
+class MetaWorldEnvironment(BaseEnvironment):
+    """One or more Meta-World tasks behind the BaseEnvironment interface.
+
+    Episode ``seed`` runs task ``tasks[seed % len(tasks)]`` with layout ``seed``, so a seed names
+    one episode exactly (the Agent's source ids stay unique across tasks). Reward is 1 on the step
+    that first succeeds, which also terminates the episode; ``max_episode_steps`` truncates.
+    """
+
+    def __init__(self, contract: RobotContract, tasks: Sequence[str], *, max_episode_steps: int = 150,
+                 camera_map: Mapping[str, str] | None = None, noise_seed: int | None = 0) -> None:
+        tasks = list(tasks)
+        if not tasks:
+            raise ValueError("MetaWorldEnvironment: tasks is empty; name at least one Meta-World task")
+        unknown = [t for t in tasks if t not in TASK_INSTRUCTIONS]
+        if unknown:
+            raise ValueError(f"MetaWorldEnvironment: unknown tasks {unknown}; known: {sorted(TASK_INSTRUCTIONS)}")
+        self.contract = contract
+        self.tasks = tasks
+        self.max_episode_steps = max_episode_steps
+        self._order = contract_action_order([d.name for d in contract.action_dims], where=f"contract '{contract.name}'")
+        self.camera_map = resolve_cameras([c.name for c in contract.cameras], camera_map)
+        self.name = "metaworld[" + ",".join(tasks) + "]"
+        self._envs: dict[str, MetaWorldEnv] = {}
+        self.env: MetaWorldEnv | None = None
+        self.noise_seed = noise_seed
+        self._experts: dict[str, ScriptedExpert] = {}
+
+    def task_for_seed(self, seed: int) -> str:
+        return self.tasks[seed % len(self.tasks)]
+
+    def _observe(self) -> Observation:
+        assert self.env is not None
+        return {cam.name: rearrange(self.env.render(self.camera_map[cam.name], cam.height, cam.width), "h w c -> c h w").copy()
+                for cam in self.contract.cameras}
+
+    def reset(self, seed: int | None = None) -> tuple[str | None, Observation]:
+        seed = 0 if seed is None else int(seed)
+        task = self.task_for_seed(seed)
+        if task not in self._envs:
+            cam0 = self.contract.cameras[0]
+            self._envs[task] = MetaWorldEnv(SimConfig(task=task, cameras=tuple(dict.fromkeys(self.camera_map.values())),
+                                                      height=cam0.height, width=cam0.width,
+                                                      max_episode_steps=self.max_episode_steps))
+        self.env = self._envs[task]
+        self.env.reset(seed)
+        return self.env.instruction, self._observe()
+
+    def step(self, action: np.ndarray) -> tuple[Observation, float, bool, bool, dict[str, Any]]:
+        if self.env is None:
+            raise RuntimeError("MetaWorldEnvironment.step before reset")
+        action = np.asarray(action, dtype=np.float64)
+        if action.shape != (len(self.contract.action_dims),):
+            raise ValueError(f"MetaWorldEnvironment.step: action shape {action.shape}, contract '{self.contract.name}' "
+                             f"has {len(self.contract.action_dims)} dims")
+        result = self.env.step(action[self._order])
+        info = {"success": result.success, "task": self.env.task_name, "steps": self.env.steps}
+        return self._observe(), float(result.success), result.success, self.env.truncated and not result.success, info
+
+    def expert_action(self, noise_std: float = 0.0) -> np.ndarray:
+        """The scripted expert's action (+ Gaussian noise) for the current state, in the contract's
+        dim order: for collecting demonstrations without ROS. Noise is drawn from ``noise_seed``."""
+        if self.env is None:
+            raise RuntimeError("MetaWorldEnvironment.expert_action before reset")
+        expert = self._experts.get(self.env.task_name)
+        if expert is None:
+            expert = self._experts[self.env.task_name] = self.env.expert(0.0, self.noise_seed)
+        expert.noise_std = float(noise_std)
+        sim_action = expert.act(self.env.obs)
+        out = np.zeros(len(self.contract.action_dims), dtype=np.float32)
+        out[self._order] = sim_action
+        return out
+
+    def close(self) -> None:
+        for env in self._envs.values():
+            env.close()
+        self._envs.clear()
+        self.env = None
