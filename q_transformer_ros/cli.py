@@ -41,6 +41,7 @@ def _plain_main(module: str) -> Callable[[], int]:
     def run() -> int:
         return importlib.import_module(module).main(sys.argv[1:])
 
+    run.__doc__ = f"See {module}.main."
     return run
 
 
