@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import rclpy
 from rcl_interfaces.msg import ParameterDescriptor, ParameterType, SetParametersResult
-from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from std_msgs.msg import Float64MultiArray, String
@@ -30,6 +29,7 @@ from std_msgs.msg import Float64MultiArray, String
 from q_transformer_ros.data.contract import RobotContract, load_contract
 from q_transformer_ros.ros.conversions import build_command, group_outputs, message_class
 from q_transformer_ros.ros.qos import COMMAND_QOS, DIAGNOSTIC_QOS, INSTRUCTION_QOS
+from q_transformer_ros.ros.runner import spin_node
 from q_transformer_ros.ros.sim_node import default_contract_path
 from q_transformer_ros.sim.metaworld_env import OBS_DIM, ScriptedExpert, contract_action_order
 
@@ -120,23 +120,7 @@ class ExpertNode(Node):
 def main(args: list[str] | None = None) -> int:
     """Entry point: ``expert_node --ros-args -p noise_std:=0.3``."""
     rclpy.init(args=args)
-    node = None
-    try:
-        node = ExpertNode()
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except Exception as e:  # noqa: BLE001
-        if node is None:
-            rclpy.logging.get_logger(NODE_NAME).fatal(f"{type(e).__name__}: {e}")
-            rclpy.try_shutdown()
-            return 1
-        raise
-    finally:
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+    return spin_node(ExpertNode, NODE_NAME)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ import rclpy
 from rcl_interfaces.msg import ParameterDescriptor, ParameterType
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.exceptions import ParameterUninitializedException
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.node import Node
 from rclpy.signals import SignalHandlerOptions
@@ -48,6 +48,7 @@ from q_transformer_ros.data.image import frame_from_msg
 from q_transformer_ros.data.messages import read_field
 from q_transformer_ros.ros.conversions import OutputGroup, build_command, group_outputs, message_class
 from q_transformer_ros.ros.qos import COMMAND_QOS, DIAGNOSTIC_QOS, INSTRUCTION_QOS, SENSOR_QOS
+from q_transformer_ros.ros.runner import spin_node
 
 NODE_NAME = "policy_node"
 WARN_THROTTLE_S = 5.0
@@ -666,25 +667,7 @@ def main(args: list[str] | None = None) -> int:
     # send the stop behaviour to the robot before rclpy shuts down.
     rclpy.init(args=argv, signal_handler_options=SignalHandlerOptions.NO)
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    node = None
-    try:
-        node = ManagedPolicyNode() if managed else PolicyNode()
-        executor = MultiThreadedExecutor(num_threads=4)
-        executor.add_node(node)
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except Exception as e:  # noqa: BLE001 - report setup errors in one line, not a traceback
-        if node is None:
-            rclpy.logging.get_logger(NODE_NAME).fatal(f"{type(e).__name__}: {e}")
-            rclpy.try_shutdown()
-            return 1
-        raise
-    finally:
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+    return spin_node(ManagedPolicyNode if managed else PolicyNode, NODE_NAME, MultiThreadedExecutor(num_threads=4))
 
 
 def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:

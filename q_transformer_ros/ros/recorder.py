@@ -21,7 +21,6 @@ from typing import Any
 
 import rclpy
 from rcl_interfaces.msg import ParameterDescriptor, ParameterType
-from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from std_srvs.srv import Trigger
 
@@ -29,6 +28,7 @@ from q_transformer_ros.data.bag_writer import BagWriter
 from q_transformer_ros.data.contract import RobotContract, load_contract
 from q_transformer_ros.ros.conversions import message_class
 from q_transformer_ros.ros.qos import COMMAND_QOS, INSTRUCTION_QOS, SENSOR_QOS
+from q_transformer_ros.ros.runner import spin_node
 
 
 def contract_topics(contract: RobotContract) -> dict[str, tuple[str, str]]:
@@ -158,6 +158,12 @@ class EpisodeRecorder(Node):
             response.success, response.message = False, str(e)
         return response
 
+    def destroy_node(self) -> None:
+        """Save an episode still open before the node goes away (Ctrl-C must not lose a recording)."""
+        if getattr(self, "writer", None) is not None:
+            self.close()
+        super().destroy_node()
+
     def close(self) -> None:
         """Save an episode still open (Ctrl-C ends the recording, it does not lose it)."""
         if self.writer is not None:
@@ -186,21 +192,7 @@ def _decode_bool(raw: bytes) -> bool:
 def main(args: list[str] | None = None) -> int:
     """``record --ros-args -p contract:=config/contract_ee_arm.yaml -p output_dir:=bags``."""
     rclpy.init(args=args)
-    node = None
-    try:
-        node = EpisodeRecorder()
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except ValueError as e:
-        print(f"record: error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        if node is not None:
-            node.close()
-            node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+    return spin_node(EpisodeRecorder, "recorder")
 
 
 if __name__ == "__main__":

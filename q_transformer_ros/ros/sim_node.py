@@ -41,7 +41,6 @@ import rclpy
 from geometry_msgs.msg import PoseStamped
 from rcl_interfaces.msg import ParameterDescriptor, ParameterType, SetParametersResult
 from rclpy.exceptions import ParameterUninitializedException
-from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from sensor_msgs.msg import Image
@@ -52,6 +51,7 @@ from q_transformer_ros.data.contract import RobotContract, load_contract
 from q_transformer_ros.data.messages import read_field
 from q_transformer_ros.ros.conversions import group_outputs, message_class
 from q_transformer_ros.ros.qos import COMMAND_QOS, DIAGNOSTIC_QOS, INSTRUCTION_QOS, SENSOR_QOS
+from q_transformer_ros.ros.runner import spin_node
 from q_transformer_ros.sim.metaworld_env import (
     MetaWorldEnv,
     SimConfig,
@@ -292,23 +292,7 @@ class SimNode(Node):
 def main(args: list[str] | None = None) -> int:
     """Entry point: ``sim_node --ros-args -p task:=drawer-open-v3 -p seed:=0 [-p contract:=...]``."""
     rclpy.init(args=args)
-    node = None
-    try:
-        node = SimNode()
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except Exception as e:  # noqa: BLE001 - one clear line for set-up errors (bad contract, no GL)
-        if node is None:
-            rclpy.logging.get_logger(NODE_NAME).fatal(f"{type(e).__name__}: {e}")
-            rclpy.try_shutdown()
-            return 1
-        raise
-    finally:
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+    return spin_node(SimNode, NODE_NAME)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,43 @@
+"""One way to run a node from an executable's ``main``: spin, shut down cleanly, report set-up errors.
+
+Why: every executable (policy node, sim, expert, recorder) needs the same ros2/examples idiom —
+Ctrl-C and external shutdown end quietly, the node is destroyed (which is where nodes send their stop
+command or save an open bag), and ``rclpy.try_shutdown`` always runs. A node that cannot even be built
+(bad contract, missing checkpoint, no OpenGL) is reported as one fatal log line and exit code 1, not a
+traceback, because that is a configuration problem for the user, not a bug.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import rclpy
+from rclpy.executors import Executor, ExternalShutdownException
+from rclpy.node import Node
+
+
+def spin_node(make_node: Callable[[], Node], node_name: str, executor: Executor | None = None) -> int:
+    """Build the node with ``make_node`` (rclpy already initialised) and spin it until shutdown.
+
+    ``executor``: spin on this executor (e.g. a MultiThreadedExecutor) instead of ``rclpy.spin``.
+    Returns the process exit code."""
+    node = None
+    try:
+        node = make_node()
+        if executor is None:
+            rclpy.spin(node)
+        else:
+            executor.add_node(node)
+            executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except Exception as e:  # noqa: BLE001 - one clear line for set-up errors; real bugs still raise
+        if node is None:
+            rclpy.logging.get_logger(node_name).fatal(f"{type(e).__name__}: {e}")
+            return 1
+        raise
+    finally:
+        if node is not None:
+            node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
