@@ -1,0 +1,154 @@
+"""Decision latency (p50/p99), ours vs the reference lucidrains/q-transformer 0.5.0, same run, same threads.
+
+Rows per model size (``--configs``):
+  reference full      ``QRoboticTransformer.get_optimal_actions`` on (1, 3, F, H, W): what the reference does
+                      every control step (MaxViT over all F frames + history transformer + action head).
+  ours full (act)     ``QTransformerPolicy.act({cam: (F, 3, H, W) uint8})``: the same full recomputation.
+  ours streaming      ``push_frames({cam: (3, H, W)})`` + ``decide()``: one new frame through MaxViT, the
+                      rest from the token cache; what our node pays per control step.
+  ours decide only    ``decide()`` on a full token cache (history transformer + KV-cached head).
+Ratios are ours p50 / reference p50 (targets, issue 6: streaming <= 1/6 on CPU; issue 2: full <= 1/3).
+
+The reference runs in .venv-bench (``scripts/setup_bench_env.sh``) via ``reference_worker.py``; without that
+venv (or with ``--no-reference``) only our rows are printed. Both sides use random weights (latency does
+not depend on them) and no instruction (the reference with condition_on_text=False, ours with its learned
+null embedding). Never asserts on time: it prints a table.
+
+    .venv/bin/python benchmarks/bench_decision_latency.py                 # small + readme configs
+    .venv/bin/python benchmarks/bench_decision_latency.py --quick         # smoke run (small config)
+    .venv/bin/python benchmarks/bench_decision_latency.py --threads 1 --configs small
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+# (warm-up, timed iterations) per config: the README config costs seconds per reference decision on CPU.
+DEFAULT_ITERS = {"small": (3, 30), "readme": (1, 5)}
+QUICK_ITERS = (1, 3)
+
+
+def measure_ours(arch: common.BenchArch, warmup: int, iters: int, device: str, seed: int) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    import _ours
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    policy = _ours.make_policy(arch, device=device)
+    cam = policy.camera_names[0]
+    video = _ours.random_frames(arch, arch.frames, rng)
+    stream = _ours.random_frames(arch, arch.frames + 8, rng)
+    out: dict[str, Any] = dict(params=common.count_params(policy.net))
+
+    out["full"] = common.time_calls(lambda: policy.act({cam: video}), warmup, iters)
+
+    policy.reset(None)
+    for f in stream[: arch.frames]:
+        policy.push_frames({cam: f})
+    pos = [0]
+
+    def streaming_step() -> None:
+        policy.push_frames({cam: stream[pos[0] % len(stream)]})
+        pos[0] += 1
+        policy.decide()
+
+    out["streaming"] = common.time_calls(streaming_step, warmup, iters)
+    out["decide"] = common.time_calls(policy.decide, warmup, iters)
+
+    # streaming must agree with full recomputation on the same frames (cheap sanity check, not timed)
+    policy.reset(None)
+    for f in video:
+        policy.push_frames({cam: f})
+    s, a = policy.decide(), policy.act({cam: video})
+    out["streaming_matches_full"] = bool((s.bins == a.bins).all())
+    return out
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: small config, 1 warm-up + 3 timed decisions")
+    p.add_argument("--configs", default=None, help="comma list of %s (default: small,readme; --quick: small)" % sorted(common.ARCHS))
+    p.add_argument("--threads", type=int, default=0, help="torch threads for both sides (0 = torch's default)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed decisions before timing (default per config)")
+    p.add_argument("--iters", type=int, default=None, help="timed decisions of ours (default per config)")
+    p.add_argument("--reference-iters", type=int, default=None, help="timed reference decisions (default per config)")
+    p.add_argument("--device", default="cpu", help="device for ours ('cpu', 'cuda'); the reference runs on CPU")
+    p.add_argument("--no-reference", action="store_true", help="skip the reference even if .venv-bench exists")
+    p.add_argument("--no-ours", action="store_true", help="only the reference (e.g. before our core exists)")
+    p.add_argument("--reference-python", default=None, help=f"bench venv python (default {common.DEFAULT_REFERENCE_PYTHON})")
+    p.add_argument("--reference-timeout", type=float, default=3600.0, help="seconds per reference worker run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json-out", default=None, help="also write all numbers to this JSON file")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_arg_parser().parse_args(argv)
+    archs = common.parse_configs(args.configs or ("small" if args.quick else "small,readme"))
+    threads = common.pin_threads(args.threads) if args.threads > 0 else common.default_threads()
+    common.print_header("decision latency: ours vs reference q-transformer 0.5.0", argv, threads)
+
+    ref_py = None if args.no_reference else common.reference_python(args.reference_python)
+    if not args.no_reference and ref_py is None:
+        print(f"reference: skipped ({args.reference_python or common.DEFAULT_REFERENCE_PYTHON} not found; "
+              f"run scripts/setup_bench_env.sh)")
+    ours_reason = "--no-ours" if args.no_ours else None
+    if ours_reason is None:
+        import _ours
+
+        ours_reason = _ours.ours_available()
+    if ours_reason:
+        print(f"ours: skipped ({ours_reason})")
+
+    rows, results = [], {}
+    for arch in archs:
+        warm, iters = QUICK_ITERS if args.quick else DEFAULT_ITERS.get(arch.name, (2, 10))
+        warm = args.warmup if args.warmup is not None else warm
+        ours_iters = args.iters if args.iters is not None else iters
+        ref_iters = args.reference_iters if args.reference_iters is not None else iters
+        label = f"{arch.name} ({arch.frames}x{arch.image_size}², {arch.num_actions}x{arch.action_bins})"
+        res: dict[str, Any] = {}
+        ref_stats = None
+        if ref_py is not None:
+            try:
+                ref = common.run_reference_worker(
+                    ref_py, ["latency", "--config", arch.name, "--warmup", str(warm), "--iters", str(ref_iters),
+                             "--seed", str(args.seed)], threads, timeout_s=args.reference_timeout)
+                ref_stats = common.TimingStats.from_dict(ref["stats"])
+                res["reference"] = ref
+                rows.append([label, "reference full (get_optimal_actions)", ref["params"] / 1e6, ref_stats.n,
+                             ref_stats.p50_ms, ref_stats.p99_ms, ref_stats.cpu_p50_ms, 1.0])
+            except common.ReferenceUnavailable as e:
+                print(f"reference: {e}")
+        if not ours_reason:
+            ours = measure_ours(arch, warm, ours_iters, args.device, args.seed)
+            res["ours"] = {k: (v.to_dict() if isinstance(v, common.TimingStats) else v) for k, v in ours.items()}
+            for key, name in (("full", "ours full (act)"), ("streaming", "ours streaming (push_frames+decide)"),
+                              ("decide", "ours decide only (cached tokens)")):
+                st: common.TimingStats = ours[key]
+                rows.append([label, name, ours["params"] / 1e6, st.n, st.p50_ms, st.p99_ms, st.cpu_p50_ms,
+                             common.ratio(st.p50_ms, ref_stats.p50_ms if ref_stats else None)])
+            if not ours["streaming_matches_full"]:
+                print(f"WARNING: {arch.name}: streaming bins differ from full recomputation on the same frames")
+        results[arch.name] = res
+
+    print()
+    common.print_table(["config", "path", "params M", "n", "p50 ms", "p99 ms", "cpu p50 ms", "p50 / reference"],
+                       rows, digits=2)
+    print("\nratio = ours p50 / reference p50 (targets: streaming <= 0.17, full <= 0.33). cpu p50 = process CPU "
+          "time per decision (all threads), less sensitive to other load on the machine than wall time.")
+    common.write_json(args.json_out, dict(threads=threads, results=results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
