@@ -1,0 +1,257 @@
+"""Does it learn? Q-Transformer vs behaviour cloning on the same mixed-quality Meta-World data.
+
+    python benchmarks/bench_learning.py                                   # MT10, GPU if present
+    python benchmarks/bench_learning.py --tasks drawer-close-v3 reach-v3 --episodes-per-task 10 \
+        --train-steps 300 --eval-episodes 5 --out /tmp/bench_learning       # small CPU run
+    python benchmarks/bench_learning.py --ablations no_conservative no_mc_bound
+
+1. Data: the scripted expert + Gaussian noise (``--noise-levels``, one per episode in turn) on layout seeds
+   0..N-1 of every task, ROS-free (``sim.MetaWorldEnvironment``; the demo records the same through ROS),
+   written as one replay dataset. Cached: a rerun with the same knobs reuses it.
+2. Training, same data, same network (``--model-preset``), same steps and seed: the Q-Transformer
+   objective, behaviour cloning (trainer objective ``bc``), and optional ablations of the Q-Transformer
+   (``no_conservative``: conservative weight 0; ``no_mc_bound``: no Monte-Carlo lower bound).
+3. Closed loop, ROS-free (``QTransformerPolicy`` + the simulator) on held-out layout seeds.
+4. Table: success per task for data / BC / QT (/ ablations), the predicted value on successes vs
+   failures, and a reliability table of the Q-Transformer's value. Also written to ``<out>/results.md``.
+
+Each trained model and each evaluation is cached under ``--out`` (``--force`` redoes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+# torchvision's C extension (pulled in by open_clip for the text encoder) segfaults when it is first
+# loaded after MuJoCo/Meta-World (seen here with torch 2.x + mujoco 3.x): load the torch side first.
+import open_clip  # noqa: E402,F401
+import torch  # noqa: E402,F401
+import torchvision.ops  # noqa: E402,F401
+
+from q_transformer_ros.e2e.config import DemoConfig, default_contract_path  # noqa: E402
+from q_transformer_ros.e2e.report import (  # noqa: E402
+    EpisodeRecord, format_calibration, format_table, read_records, summarize, write_records, write_text_atomic,
+)
+from q_transformer_ros.sim.tasks import MT10_TASKS  # noqa: E402
+
+EVAL_SEED_BASE = 100_000
+"""Held-out layouts: far from the training seeds 0..N-1."""
+VARIANTS = {
+    "QT": ["--objective", "q_learning"],
+    "BC": ["--objective", "bc"],
+    "QT-no_conservative": ["--objective", "q_learning", "--set", "learner.conservative_weight=0"],
+    "QT-no_mc_bound": ["--objective", "q_learning", "--set", "learner.mc_lower_bound=false"],
+}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", nargs="+", default=list(MT10_TASKS), help="Meta-World tasks (default: MT10)")
+    p.add_argument("--episodes-per-task", type=int, default=20, help="recorded episodes per task")
+    p.add_argument("--noise-levels", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0],
+                   help="expert noise std per episode, in turn")
+    p.add_argument("--max-episode-steps", type=int, default=120)
+    p.add_argument("--train-steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--model-preset", default="tiny", choices=("tiny", "small", "base"))
+    p.add_argument("--eval-episodes", type=int, default=10, help="closed-loop episodes per task (held-out seeds)")
+    p.add_argument("--ablations", nargs="*", default=[], choices=("no_conservative", "no_mc_bound"))
+    p.add_argument("--contract", default=None, help="contract YAML (default config/contract_ee_arm.yaml)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="camera size (a multiple of 16); default: the contract's (64)")
+    p.add_argument("--device", default="auto", help="torch device (auto: CUDA if available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="bench_out/learning", help="cache and results folder")
+    p.add_argument("--force", action="store_true", help="recollect, retrain and re-evaluate")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. data
+# ---------------------------------------------------------------------------------------------
+
+def collect(args: argparse.Namespace, contract, dataset: Path) -> list[EpisodeRecord]:
+    """Expert + noise episodes of every task into a replay dataset; returns one record per episode."""
+    from tqdm import tqdm
+
+    from q_transformer_ros.core.dataset.writer import EpisodeData, ReplayWriter
+    from q_transformer_ros.sim.agent_env import MetaWorldEnvironment
+
+    log = dataset.parent / "data_episodes.jsonl"
+    key = json.dumps([args.tasks, args.episodes_per_task, args.noise_levels, args.max_episode_steps, contract.fingerprint()])
+    if (dataset / "manifest.json").exists() and (dataset.parent / "data_key.json").exists() \
+            and (dataset.parent / "data_key.json").read_text() == key:
+        return read_records(log)
+    if dataset.exists():
+        shutil.rmtree(dataset)
+    n = len(args.tasks)
+    env = MetaWorldEnvironment(contract, args.tasks, max_episode_steps=args.max_episode_steps, noise_seed=args.seed)
+    records: list[EpisodeRecord] = []
+    writer = ReplayWriter(dataset, contract, create_ok=True)
+    bar = tqdm(total=n * args.episodes_per_task, desc="collect", unit="ep", dynamic_ncols=True)
+    try:
+        for k, task in enumerate(args.tasks):
+            for i in range(args.episodes_per_task):
+                seed = i * n + k  # MetaWorldEnvironment runs task seed % n
+                noise = args.noise_levels[i % len(args.noise_levels)]
+                instruction, obs = env.reset(seed)
+                frames = {cam: [] for cam in obs}
+                actions, success = [], False
+                while True:
+                    for cam, f in obs.items():
+                        frames[cam].append(f)
+                    action = env.expert_action(noise)
+                    actions.append(action)
+                    obs, _r, terminated, truncated, info = env.step(action)
+                    success = bool(info["success"])
+                    if terminated or truncated:
+                        break
+                writer.add_episode(EpisodeData(
+                    frames={c: np.stack(v) for c, v in frames.items()}, actions=np.stack(actions).astype(np.float32),
+                    success=success, instruction=instruction, source_id=f"bench:{task}:seed{seed}:noise{noise:g}"))
+                records.append(EpisodeRecord(task=task, seed=seed, success=success, steps=len(actions), noise=noise))
+                bar.set_postfix(task=task, success=f"{sum(r.success for r in records)}/{len(records)}")
+                bar.update(1)
+    finally:
+        bar.close()
+        writer.close()
+        env.close()
+    write_records(log, records)
+    write_text_atomic(dataset.parent / "data_key.json", key)
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. training, 3. closed loop
+# ---------------------------------------------------------------------------------------------
+
+def train_variant(args: argparse.Namespace, name: str, dataset: Path, out: Path) -> Path:
+    from q_transformer_ros.core.trainer import main as train_main
+
+    ckpt = out / "checkpoint.pt"
+    done = out / "done.json"
+    if done.exists() and ckpt.exists():
+        return ckpt
+    argv = ["--dataset", str(dataset), "--out", str(out), "--steps", str(args.train_steps),
+            "--batch-size", str(args.batch_size), "--model-preset", args.model_preset, "--device", args.device,
+            "--seed", str(args.seed), "--checkpoint-every", str(max(100, args.train_steps // 5)),
+            "--set", f"warmup_steps={min(200, max(1, args.train_steps // 10))}",
+            "--set", "text_encoder.text_overrides={width: 128, layers: 2, heads: 2}", *VARIANTS[name]]
+    t0 = time.monotonic()
+    if train_main(argv) != 0:
+        raise SystemExit(f"bench_learning: training {name} failed (see above); output {out}")
+    write_text_atomic(done, json.dumps({"seconds": time.monotonic() - t0}))
+    return ckpt
+
+
+def evaluate(args: argparse.Namespace, name: str, ckpt: Path, contract, out: Path) -> list[EpisodeRecord]:
+    """Closed loop on held-out seeds, ROS-free: policy.decide() -> env.step()."""
+    from tqdm import tqdm
+
+    from q_transformer_ros.core.policy import QTransformerPolicy
+    from q_transformer_ros.sim.agent_env import MetaWorldEnvironment
+
+    log = out / "eval.jsonl"
+    if log.exists():
+        recs = read_records(log)
+        if len(recs) == len(args.tasks) * args.eval_episodes:
+            return recs
+    policy = QTransformerPolicy.from_checkpoint(ckpt, device=args.device)
+    n = len(args.tasks)
+    env = MetaWorldEnvironment(contract, args.tasks, max_episode_steps=args.max_episode_steps)
+    records: list[EpisodeRecord] = []
+    bar = tqdm(total=n * args.eval_episodes, desc=f"eval {name}", unit="ep", dynamic_ncols=True)
+    try:
+        for k, task in enumerate(args.tasks):
+            for j in range(args.eval_episodes):
+                seed = EVAL_SEED_BASE * n + j * n + k
+                instruction, obs = env.reset(seed)
+                policy.reset(instruction)
+                values, success, steps = [], False, 0
+                while True:
+                    policy.push_frames(obs)
+                    d = policy.decide()
+                    values.append(round(float(d.value), 5))
+                    obs, _r, terminated, truncated, info = env.step(np.asarray(d.action, dtype=np.float32))
+                    steps += 1
+                    success = bool(info["success"])
+                    if terminated or truncated:
+                        break
+                records.append(EpisodeRecord(task=task, seed=seed, success=success, steps=steps, values=values,
+                                             source=name))
+                bar.set_postfix(task=task, success=f"{sum(r.success for r in records)}/{len(records)}")
+                bar.update(1)
+    finally:
+        bar.close()
+        env.close()
+    write_records(log, records)
+    return records
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    from q_transformer_ros.data.contract import load_contract
+
+    out = Path(args.out)
+    if args.force and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    contract_path = Path(args.contract) if args.contract else default_contract_path()
+    if args.image_size:  # the same derived contract the demo writes
+        contract_path = DemoConfig(out=out, contract=contract_path, image_size=args.image_size).run_contract()
+    contract = load_contract(contract_path)
+    key = json.dumps({k: v for k, v in vars(args).items() if k not in ("force", "eval_episodes", "ablations", "out")})
+    if (out / "run_key.json").exists() and (out / "run_key.json").read_text() != key:
+        for variant in VARIANTS:  # other knobs: models and evaluations are stale (the data cache checks itself)
+            shutil.rmtree(out / variant, ignore_errors=True)
+    write_text_atomic(out / "run_key.json", key)
+
+    timings: dict[str, float] = {}
+    t0 = time.monotonic()
+    data = collect(args, contract, out / "dataset")
+    timings["collect"] = time.monotonic() - t0
+    names = ["QT", "BC"] + [f"QT-{a}" for a in args.ablations]
+    evals: dict[str, list[EpisodeRecord]] = {}
+    for name in names:
+        t0 = time.monotonic()
+        ckpt = train_variant(args, name, out / "dataset", out / name)
+        timings[f"train {name}"] = time.monotonic() - t0
+        t0 = time.monotonic()
+        evals[name] = evaluate(args, name, ckpt, contract, out / name)
+        timings[f"eval {name}"] = time.monotonic() - t0
+
+    rows = summarize(data, evals, args.tasks)
+    table = format_table(rows)
+    calib = {n: format_calibration([e.mean_value for e in evals[n]], [e.success for e in evals[n]])
+             for n in names if n != "BC"}
+    header = (f"bench_learning: {len(args.tasks)} tasks, {args.episodes_per_task} episodes/task (noise "
+              f"{', '.join(f'{x:g}' for x in args.noise_levels)}), {args.train_steps} steps x batch {args.batch_size} "
+              f"({args.model_preset}), {args.eval_episodes} held-out closed-loop episodes/task, device {args.device}")
+    text = [header, "", table, ""]
+    text.append("V|success / V|failure: the Q-Transformer's mean predicted value (episode mean) on closed-loop "
+                "successes / failures; BC's 'value' is an action probability, not a success estimate.")
+    for n, c in calib.items():
+        text += ["", f"calibration of {n}'s predicted value:", c]
+    text += ["", "wall seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())]
+    print("\n".join(text))
+    write_text_atomic(out / "results.md", "```\n" + "\n".join(text) + "\n```\n")
+    print(f"\nbench_learning: results in {out / 'results.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""The demo's and the learning benchmark's results: per-task table, value calibration, plots, GIF.
+
+Pure functions over plain records (no ROS, no torch), so the table a run prints can be checked
+from known inputs in a test.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+
+@dataclass
+class EpisodeRecord:
+    """One episode of data or of a closed-loop evaluation."""
+
+    task: str
+    seed: int
+    success: bool
+    steps: int = 0
+    values: list[float] = field(default_factory=list)
+    """The policy's predicted value at every commanded step (closed loop); empty for data."""
+    noise: float | None = None
+    """Expert noise std (recorded data)."""
+    source: str = ""
+    """Bag path, dataset source id, or 'closed loop'."""
+
+    @property
+    def mean_value(self) -> float:
+        """Mean predicted value over the episode (NaN when no value was seen)."""
+        return float(np.mean(self.values)) if self.values else math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EpisodeRecord":
+        return cls(**{k: d[k] for k in ("task", "seed", "success", "steps", "values", "noise", "source") if k in d})
+
+
+@dataclass
+class TaskRow:
+    """One line of the results table."""
+
+    task: str
+    data_episodes: int
+    data_success: float
+    """Success rate of the recorded data (NaN without data)."""
+    eval_episodes: dict[str, int]
+    """Policy name -> closed-loop episodes."""
+    eval_success: dict[str, float]
+    """Policy name -> closed-loop success rate."""
+    value_success: float
+    """Mean predicted value over closed-loop episodes that succeeded (first policy; NaN if none)."""
+    value_failure: float
+    """Mean predicted value over closed-loop episodes that failed (first policy; NaN if none)."""
+
+
+def _rate(flags: Sequence[bool]) -> float:
+    return float(np.mean(flags)) if len(flags) else math.nan
+
+
+def _mean(xs: Sequence[float]) -> float:
+    xs = [x for x in xs if not math.isnan(x)]
+    return float(np.mean(xs)) if xs else math.nan
+
+
+def summarize(data: Sequence[EpisodeRecord], evals: dict[str, Sequence[EpisodeRecord]],
+              tasks: Sequence[str] | None = None) -> list[TaskRow]:
+    """One row per task (in ``tasks`` order, else first appearance) plus an ``overall`` row.
+
+    Rates are per episode; the overall row pools all episodes (not an average of task rates). Value
+    columns use the first policy in ``evals`` (the Q-Transformer in the demo)."""
+    if tasks is None:
+        seen: dict[str, None] = {}
+        for ep in list(data) + [e for eps in evals.values() for e in eps]:
+            seen.setdefault(ep.task, None)
+        tasks = list(seen)
+    first = next(iter(evals), None)
+
+    def row(name: str, keep: Any) -> TaskRow:
+        d = [e for e in data if keep(e)]
+        ev = {p: [e for e in eps if keep(e)] for p, eps in evals.items()}
+        main = ev.get(first, []) if first is not None else []
+        return TaskRow(
+            task=name, data_episodes=len(d), data_success=_rate([e.success for e in d]),
+            eval_episodes={p: len(v) for p, v in ev.items()}, eval_success={p: _rate([e.success for e in v]) for p, v in ev.items()},
+            value_success=_mean([e.mean_value for e in main if e.success]),
+            value_failure=_mean([e.mean_value for e in main if not e.success]),
+        )
+
+    rows = [row(t, lambda e, t=t: e.task == t) for t in tasks]
+    rows.append(row("overall", lambda e: e.task in set(tasks)))
+    return rows
+
+
+def _pct(x: float) -> str:
+    return "   -" if math.isnan(x) else f"{100 * x:3.0f}%"
+
+
+def _val(x: float) -> str:
+    return "    -" if math.isnan(x) else f"{x:5.3f}"
+
+
+def format_table(rows: Sequence[TaskRow]) -> str:
+    """Plain-text table: data success, closed-loop success per policy, value on success vs failure."""
+    policies = list(rows[0].eval_success) if rows else []
+    width = max([len(r.task) for r in rows] + [8])
+    head = f"{'task':<{width}}  {'data':>10}"
+    for p in policies:
+        head += f"  {p + ' closed loop':>16}"
+    head += f"  {'V|success':>9}  {'V|failure':>9}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if r.task == "overall":
+            lines.append("-" * len(head))
+        line = f"{r.task:<{width}}  {_pct(r.data_success):>5} n={r.data_episodes:<3}"
+        for p in policies:
+            line += f"  {_pct(r.eval_success[p]):>10} n={r.eval_episodes[p]:<3}"
+        line += f"  {_val(r.value_success):>9}  {_val(r.value_failure):>9}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def calibration_bins(values: Sequence[float], successes: Sequence[bool], bins: int = 5) -> list[tuple[float, float, int, float]]:
+    """Reliability table: (bin low, bin high, episodes, observed success rate) over [0, 1] value bins."""
+    v = np.asarray(values, dtype=np.float64)
+    s = np.asarray(successes, dtype=bool)
+    keep = ~np.isnan(v)
+    v, s = v[keep], s[keep]
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    out = []
+    for i in range(bins):
+        lo, hi = edges[i], edges[i + 1]
+        m = (v >= lo) & ((v < hi) if i < bins - 1 else (v <= hi))
+        out.append((float(lo), float(hi), int(m.sum()), float(s[m].mean()) if m.any() else math.nan))
+    return out
+
+
+def format_calibration(values: Sequence[float], successes: Sequence[bool], bins: int = 5) -> str:
+    lines = ["predicted value   episodes   observed success"]
+    for lo, hi, n, rate in calibration_bins(values, successes, bins):
+        lines.append(f"[{lo:.1f}, {hi:.1f}{']' if hi >= 1 else ')'}      {n:>8}   {_pct(rate):>16}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# files
+# ---------------------------------------------------------------------------------------------
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_records(path: Path) -> list[EpisodeRecord]:
+    """Episodes from a JSON-lines file (missing file: none)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    out = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                out.append(EpisodeRecord.from_dict(json.loads(line)))
+            except (ValueError, TypeError, KeyError) as e:
+                raise ValueError(f"{path}:{i}: not an episode record ({e}): {line[:120]!r}") from None
+    return out
+
+
+def write_records(path: Path, records: Iterable[EpisodeRecord]) -> None:
+    """Replace the JSON-lines file atomically (a crash leaves the previous complete file)."""
+    write_text_atomic(path, "".join(json.dumps(r.to_dict()) + "\n" for r in records))
+
+
+def plot_value_vs_success(evals: dict[str, Sequence[EpisodeRecord]], path: Path) -> Path | None:
+    """Left: per-episode mean predicted value by outcome. Right: value over time, coloured by outcome."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    eps = list(evals[next(iter(evals))]) if evals else []  # the first policy (the Q-Transformer)
+    if not any(e.values for e in eps):
+        return None
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    rng = np.random.default_rng(0)
+    for x, ok, color in ((0, False, "tab:red"), (1, True, "tab:green")):
+        vals = [e.mean_value for e in eps if e.success == ok and e.values]
+        ax1.scatter(x + rng.uniform(-0.12, 0.12, len(vals)), vals, color=color, alpha=0.8)
+        if vals:
+            ax1.hlines(np.mean(vals), x - 0.25, x + 0.25, color="black")
+    ax1.set_xticks([0, 1], ["failure", "success"])
+    ax1.set_xlim(-0.6, 1.6)
+    ax1.set_ylabel("mean predicted value (episode)")
+    ax1.set_title("closed loop: predicted value vs outcome")
+    for e in eps:
+        if e.values:
+            ax2.plot(e.values, color="tab:green" if e.success else "tab:red", alpha=0.6, lw=1)
+    ax2.set_xlabel("control step")
+    ax2.set_ylabel("predicted value")
+    ax2.set_title("value over the episode (green: success)")
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def write_gif(frames: Sequence[np.ndarray], path: Path, values: Sequence[float] = (), fps: float = 10.0,
+              scale: int = 3) -> Path:
+    """GIF of uint8 (H, W, 3) frames, upscaled ``scale`` x, with a bar under each frame showing the
+    predicted value at that step (green width = value), when values are given."""
+    import imageio.v2 as imageio  # noqa: PLC0415
+
+    if not frames:
+        raise ValueError(f"write_gif({path}): no frames")
+    out = []
+    for i, frame in enumerate(frames):
+        img = np.repeat(np.repeat(np.asarray(frame, dtype=np.uint8), scale, axis=0), scale, axis=1)
+        if len(values):
+            v = float(values[min(len(values) - 1, int(i * len(values) / len(frames)))])
+            bar = np.full((6, img.shape[1], 3), 40, dtype=np.uint8)
+            bar[:, : int(round(np.clip(v, 0, 1) * img.shape[1]))] = (60, 200, 60)
+            img = np.concatenate([img, bar], axis=0)
+        out.append(img)
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    imageio.mimsave(tmp, out, format="GIF", duration=1.0 / fps, loop=0)
+    os.replace(tmp, path)
+    return path

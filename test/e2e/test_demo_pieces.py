@@ -1,0 +1,203 @@
+"""The end-to-end demo's pieces at tiny size.
+
+- the results table, calibration bins, GIF and plot from known inputs (no ROS);
+- the demo's configuration checks and stage markers (a changed input redoes a stage);
+- one short episode recorded THROUGH ROS (sim_node + expert_node as child processes, the recorder
+  in-process) and converted into a dataset whose episode matches what the sim reported; a rerun skips
+  both stages;
+- (slow) the whole ``demo --quick`` run, closed loop included.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from q_transformer_ros.e2e.config import EVAL_SEED_OFFSET, DemoConfig
+from q_transformer_ros.e2e.report import (
+    EpisodeRecord, calibration_bins, format_table, plot_value_vs_success, read_records, summarize, write_gif,
+    write_records,
+)
+
+DOMAIN_RECORD = 81
+DOMAIN_QUICK = 82
+
+
+def _ep(task: str, success: bool, values: list[float] = (), seed: int = 0) -> EpisodeRecord:
+    return EpisodeRecord(task=task, seed=seed, success=success, values=list(values))
+
+
+# ---------------------------------------------------------------------------------------------
+# report from known inputs
+# ---------------------------------------------------------------------------------------------
+
+def test_summary_table_from_known_inputs() -> None:
+    data = [_ep("a", True), _ep("a", True), _ep("a", False), _ep("a", False), _ep("b", True)]
+    qt = [_ep("a", True, [0.8, 0.6]), _ep("a", False, [0.2]), _ep("b", False, [0.4, 0.2]), _ep("b", False, [])]
+    bc = [_ep("a", False), _ep("b", True)]
+    rows = summarize(data, {"QT": qt, "BC": bc}, ["a", "b"])
+    assert [r.task for r in rows] == ["a", "b", "overall"]
+    a, b, overall = rows
+    assert a.data_episodes == 4 and a.data_success == pytest.approx(0.5)
+    assert b.data_success == pytest.approx(1.0)
+    assert a.eval_success == {"QT": pytest.approx(0.5), "BC": pytest.approx(0.0)}
+    assert b.eval_success["BC"] == pytest.approx(1.0) and b.eval_episodes == {"QT": 2, "BC": 1}
+    assert a.value_success == pytest.approx(0.7) and a.value_failure == pytest.approx(0.2)
+    assert math.isnan(b.value_success)  # no successful QT episode on b
+    assert b.value_failure == pytest.approx(0.3)  # the episode without values does not count
+    # overall pools episodes, it does not average the task rates
+    assert overall.data_success == pytest.approx(3 / 5)
+    assert overall.eval_success["QT"] == pytest.approx(1 / 4)
+    assert overall.value_failure == pytest.approx((0.2 + 0.3) / 2)
+    text = format_table(rows)
+    lines = text.splitlines()
+    assert "QT closed loop" in lines[0] and "BC closed loop" in lines[0]
+    row_a = next(ln for ln in lines if ln.startswith("a "))
+    assert " 50% n=4" in row_a and "0.700" in row_a and "0.200" in row_a
+    row_all = next(ln for ln in lines if ln.startswith("overall"))
+    assert " 60% n=5" in row_all and " 25% n=4" in row_all
+
+
+def test_calibration_bins() -> None:
+    bins = calibration_bins([0.05, 0.1, 0.5, 0.95, 1.0, float("nan")], [False, True, True, True, True, True], bins=5)
+    assert [n for _, _, n, _ in bins] == [2, 0, 1, 0, 2]  # NaN dropped, 1.0 in the last bin
+    assert bins[0][3] == pytest.approx(0.5) and math.isnan(bins[1][3]) and bins[4][3] == pytest.approx(1.0)
+
+
+def test_records_round_trip_gif_and_plot(tmp_path: Path) -> None:
+    recs = [_ep("a", True, [0.5, 0.7], seed=3), EpisodeRecord("b", 4, False, steps=9, noise=0.5, source="x")]
+    write_records(tmp_path / "r.jsonl", recs)
+    back = read_records(tmp_path / "r.jsonl")
+    assert back == recs and back[0].mean_value == pytest.approx(0.6)
+    (tmp_path / "bad.jsonl").write_text('{"task": "a"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        read_records(tmp_path / "bad.jsonl")
+
+    import imageio.v2 as imageio
+
+    frames = [np.full((16, 16, 3), i * 20, dtype=np.uint8) for i in range(5)]
+    gif = write_gif(frames, tmp_path / "ep.gif", values=[0.0, 0.5, 1.0], scale=2)
+    read = imageio.mimread(gif)
+    assert len(read) == 5 and read[0].shape[:2] == (32 + 6, 32)
+    assert read[-1][-3, -1, 1] > 150 and read[0][-3, -1, 1] < 100  # value bar full at the end, empty at the start
+    plot = plot_value_vs_success({"QT": recs}, tmp_path / "v.png")
+    assert plot is not None and plot.stat().st_size > 1000
+    assert plot_value_vs_success({"QT": [_ep("a", True)]}, tmp_path / "none.png") is None  # no values: no plot
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration and stage markers
+# ---------------------------------------------------------------------------------------------
+
+def test_config_checks_and_plans(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="drawer-opn-v3"):
+        DemoConfig(out=tmp_path, tasks=("drawer-opn-v3",))
+    with pytest.raises(ValueError, match="episodes_per_task"):
+        DemoConfig(out=tmp_path, episodes_per_task=0)
+    with pytest.raises(ValueError, match="domain_id"):
+        DemoConfig(out=tmp_path, domain_id=300)
+    cfg = DemoConfig(out=tmp_path, tasks=("reach-v3", "push-v3"), episodes_per_task=3, noise_levels=(0.0, 1.0), eval_episodes=2)
+    plan = cfg.record_plan()
+    assert len(plan) == 6 and plan[:3] == [("reach-v3", 0, 0.0), ("reach-v3", 1, 1.0), ("reach-v3", 2, 0.0)]
+    assert plan[3] == ("push-v3", 0, 0.0)
+    assert {s for _, s in cfg.eval_plan()}.isdisjoint({s for _, s, _ in plan})
+    assert min(s for _, s in cfg.eval_plan()) == EVAL_SEED_OFFSET
+    from q_transformer_ros.data.contract import load_contract
+
+    derived = load_contract(cfg.run_contract())  # image_size 32: a copy of the contract in the run folder
+    base = load_contract(cfg.contract)
+    assert cfg.run_contract().parent == tmp_path and [(c.height, c.width) for c in derived.cameras] == [(32, 32)]
+    assert derived.action_dims == base.action_dims and derived.fingerprint() != base.fingerprint()
+    assert cfg.with_(image_size=None).run_contract() == cfg.contract
+    with pytest.raises(ValueError, match="image_size"):
+        DemoConfig(out=tmp_path, image_size=40)
+
+
+def test_demo_main_rejects_bad_arguments(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from q_transformer_ros.demo import main
+
+    assert main(["--out", str(tmp_path), "--tasks", "no-such-task-v3"]) == 2
+    assert "no-such-task-v3" in capsys.readouterr().err
+
+
+def test_stage_key_changes_redo_downstream(tmp_path: Path) -> None:
+    from q_transformer_ros.e2e import stages as st
+
+    cfg = DemoConfig.quick(out=tmp_path)
+    st.write_marker(cfg, "record", st.stage_key(cfg, "record"), 1.0, {})
+    convert_key = st.stage_key(cfg, "convert")
+    st.write_marker(cfg, "convert", convert_key, 1.0, {})
+    train_key = st.stage_key(cfg, "train")
+    assert train_key != st.stage_key(cfg.with_(train_steps=cfg.train_steps + 1), "train")
+    st.write_marker(cfg, "record", st.stage_key(cfg, "record"), 1.0, {})  # record redone: new output id
+    assert st.stage_key(cfg, "convert") != convert_key
+    st.clear_stage(cfg, "convert")
+    assert st.read_marker(cfg, "convert") is None
+
+
+# ---------------------------------------------------------------------------------------------
+# through ROS
+# ---------------------------------------------------------------------------------------------
+
+def _need_ros() -> None:
+    pytest.importorskip("rclpy")
+    pytest.importorskip("metaworld")
+
+
+def test_record_one_episode_through_ros_and_convert(tmp_path: Path) -> None:
+    _need_ros()
+    from q_transformer_ros.core.dataset import ReplayDataset
+    from q_transformer_ros.demo import run
+    from q_transformer_ros.e2e import stages as st
+
+    cfg = DemoConfig.quick(out=tmp_path / "run", episodes_per_task=1, max_episode_steps=12, domain_id=DOMAIN_RECORD,
+                           progress=False)
+    run(cfg, ("record", "convert"))
+    recs = read_records(cfg.record_log)
+    assert len(recs) == 1
+    rec = recs[0]
+    assert (rec.task, rec.seed, rec.noise) == ("drawer-close-v3", 0, 0.0)
+    assert (Path(rec.source) / "metadata.yaml").is_file(), rec.source
+    assert 10 <= rec.steps <= 12  # the sim's own step count (one success message per step)
+
+    data = st.dataset_records(cfg)
+    assert len(data) == 1
+    assert data[0].task == "drawer-close-v3" and data[0].success == rec.success
+    assert 8 <= data[0].steps <= 12, data[0].steps  # converter steps at the contract rate from bag times
+    ds = ReplayDataset(cfg.dataset_dir)
+    sample = ds[len(ds) - 1]
+    actions = np.stack([ds[i]["actions"].numpy() for i in range(len(ds))])
+    assert np.abs(actions).max() > 0.05, "no expert commands reached the bag"
+    assert sample["frames"].float().std() > 10, "blank camera frames"
+
+    before = {s: st.read_marker(cfg, s)["output_id"] for s in ("record", "convert")}
+    bags = sorted(cfg.bags_dir.iterdir())
+    timings = run(cfg, ("record", "convert"))  # resumable: both stages are skipped
+    assert timings == {}
+    assert {s: st.read_marker(cfg, s)["output_id"] for s in ("record", "convert")} == before
+    assert sorted(cfg.bags_dir.iterdir()) == bags
+    # a fresh config object for the same run folder (what a rerun of the command builds) skips too
+    again = DemoConfig.quick(out=tmp_path / "run", episodes_per_task=1, max_episode_steps=12, domain_id=DOMAIN_RECORD,
+                             progress=False)
+    assert run(again, ("record", "convert")) == {}
+
+
+@pytest.mark.slow
+def test_quick_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _need_ros()
+    from q_transformer_ros.demo import main
+
+    out = tmp_path / "quick"
+    assert main(["--quick", "--out", str(out), "--domain-id", str(DOMAIN_QUICK), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "QT closed loop" in text and "overall" in text
+    evals = read_records(out / "eval.jsonl")
+    assert len(evals) == 1 and evals[0].seed >= EVAL_SEED_OFFSET and evals[0].steps >= 1
+    assert evals[0].values and all(0.0 <= v <= 1.0 for v in evals[0].values)
+    assert (out / "closed_loop.gif").stat().st_size > 0 and (out / "train" / "checkpoint.pt").exists()
+    report = json.loads((out / "report.json").read_text())
+    assert report["rows"][-1]["task"] == "overall"
