@@ -58,17 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     threads = common.pin_threads(args.threads) if args.threads > 0 else common.default_threads()
     common.print_header("training samples/s: ours vs reference q-transformer 0.5.0 QLearner", argv, threads)
 
-    ref_py = None if args.no_reference else common.reference_python(args.reference_python)
-    if not args.no_reference and ref_py is None:
-        print(f"reference: skipped ({args.reference_python or common.DEFAULT_REFERENCE_PYTHON} not found; "
-              f"run scripts/setup_bench_env.sh)")
-    ours_reason = "--no-ours" if args.no_ours else None
-    if ours_reason is None:
-        import _ours
-
-        ours_reason = _ours.ours_available()
-    if ours_reason:
-        print(f"ours: skipped ({ours_reason})")
+    ref_py, ours_reason = common.resolve_sides(args)
 
     rows, results = [], {}
     for arch in archs:

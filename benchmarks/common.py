@@ -314,6 +314,24 @@ def reference_python(path: str | os.PathLike[str] | None) -> Path | None:
     return p if p.exists() else None
 
 
+def resolve_sides(args: Any, ref_missing_note: str = "") -> tuple[Path | None, str | None]:
+    """Which sides of a comparison can run: (reference python or None, reason ours is skipped or None).
+
+    Prints one line for each side that is skipped, so a table with a missing column says why."""
+    ref_py = None if args.no_reference else reference_python(args.reference_python)
+    if not args.no_reference and ref_py is None:
+        print(f"reference: skipped ({args.reference_python or DEFAULT_REFERENCE_PYTHON} not found; "
+              f"run scripts/setup_bench_env.sh){ref_missing_note}")
+    ours_reason = "--no-ours" if args.no_ours else None
+    if ours_reason is None:
+        import _ours
+
+        ours_reason = _ours.ours_available()
+    if ours_reason:
+        print(f"ours: skipped ({ours_reason})")
+    return ref_py, ours_reason
+
+
 def run_reference_worker(python: Path, args: Sequence[str], threads: int, timeout_s: float | None = None) -> dict[str, Any]:
     """Run ``reference_worker.py`` in the bench venv with the same thread count; returns its JSON.
 

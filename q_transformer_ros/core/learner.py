@@ -31,7 +31,7 @@ einops legend: ``k`` critics, ``b`` batch, ``n`` action dims, ``a`` bins per dim
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Literal, Mapping
 
 import torch
@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
+from q_transformer_ros.config_io import dataclass_from_dict
 from q_transformer_ros.core.hl_gauss import support_for
 
 Objective = Literal["q_learning", "bc"]
@@ -109,12 +110,8 @@ class LearnerConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "LearnerConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"LearnerConfig: unknown keys {sorted(unknown)}; known keys are {sorted(known)}")
-        return cls(**dict(data))
+    def from_dict(cls, data: Mapping[str, Any], where: str = "LearnerConfig") -> "LearnerConfig":
+        return dataclass_from_dict(cls, data, where)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import random
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
@@ -34,6 +34,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from q_transformer_ros.config_io import dataclass_from_dict
 from q_transformer_ros.core.checkpoint import (
     CHECKPOINT_NAME, CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
 )
@@ -171,14 +172,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "<train config>") -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{where}: unknown key '{unknown[0]}'; known keys are {sorted(known)}")
-        try:
-            return cls(**dict(data))
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{where}: {e}") from None
+        return dataclass_from_dict(cls, data, where)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -161,7 +161,7 @@ def test_config_validation_and_round_trip() -> None:
         ModelConfig.preset("tiny", num_action_dims=2, action_bins=(4,))
     with pytest.raises(ValueError, match="window_size"):
         ModelConfig.preset("tiny", image_size=(36, 36))
-    with pytest.raises(ValueError, match="unknown ModelConfig key 'nope'"):
+    with pytest.raises(ValueError, match="<model_config>: unknown key 'nope'"):
         ModelConfig.from_dict({**cfg.to_dict(), "nope": 1})
     with pytest.raises(ValueError, match="unknown preset"):
         ModelConfig.preset("huge")

@@ -7,8 +7,10 @@ size, cameras, frame history, action dims and bins) from the robot contract so t
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Mapping
+
+from q_transformer_ros.config_io import dataclass_from_dict
 
 PRESET_NAMES = ("tiny", "small", "base")
 
@@ -180,14 +182,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "<model_config>") -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{where}: unknown ModelConfig key '{unknown[0]}'; known keys are {sorted(known)}")
-        try:
-            return cls(**dict(data))
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{where}: {e}") from None
+        return dataclass_from_dict(cls, data, where)
 
     def replace(self, **overrides: Any) -> "ModelConfig":
         return replace(self, **overrides)
