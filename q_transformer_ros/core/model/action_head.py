@@ -17,6 +17,7 @@ from einops import rearrange, reduce
 from torch import Tensor, nn
 
 from .config import ModelConfig
+from .layers import RMSNorm
 from .transformer import DecoderLayer
 
 ContextKV = list[tuple[Tensor, Tensor]]
@@ -29,6 +30,9 @@ class ActionHead(nn.Module):
         n, a, d, v = cfg.num_action_dims, cfg.max_bins, cfg.embed_dim, cfg.value_bins
         self.num_dims, self.value_bins, self.dueling = n, v, cfg.dueling
         self.register_buffer("bin_mask", bin_mask.clone(), persistent=False)
+        # float mask and 1 / (valid bins per dim) for the dueling mean, precomputed (not per decode step)
+        self.register_buffer("bin_mask_f", bin_mask.float(), persistent=False)
+        self.register_buffer("inv_bin_count", 1.0 / bin_mask.float().sum(-1, keepdim=True), persistent=False)
         self.start = nn.Parameter(torch.randn(d) * 0.02)
         self.start_from_state = nn.Linear(d, d)
         # only dims 0..n-2 are ever fed back (the last dim's bin is never an input): sized n-1 so every
@@ -36,7 +40,7 @@ class ActionHead(nn.Module):
         self.bin_embed = nn.Parameter(torch.randn(n - 1, a, d) * 0.02) if n > 1 else None
         self.dim_pos = nn.Parameter(torch.randn(n, d) * 0.02)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.head_depth))
-        self.norm_out = nn.RMSNorm(d)
+        self.norm_out = RMSNorm(d)
         if v == 1:
             self.out_w = nn.Parameter(torch.randn(n, a, d) * d**-0.5 * 0.1)
             self.out_b = nn.Parameter(torch.zeros(n, a))
@@ -75,12 +79,12 @@ class ActionHead(nn.Module):
         if not self.dueling:
             return out
         value = torch.einsum("bnd,nvd->bnv", h, self.val_w[dims]) + self.val_b[dims]
-        mask = self.bin_mask[dims].to(out.dtype)  # (n, a)
+        mask, inv_count = self.bin_mask_f[dims].to(out.dtype), self.inv_bin_count[dims].to(out.dtype)  # (n, a), (n, 1)
         if self.value_bins == 1:
-            mean_adv = (out * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True)
+            mean_adv = (out * mask).sum(-1, keepdim=True) * inv_count
             return value + out - mean_adv
         mask = rearrange(mask, "n a -> n a 1")
-        mean_adv = (out * mask).sum(-2, keepdim=True) / mask.sum(-2, keepdim=True)
+        mean_adv = (out * mask).sum(-2, keepdim=True) * rearrange(inv_count, "n 1 -> n 1 1")
         return rearrange(value, "b n v -> b n 1 v") + out - mean_adv
 
     # -- teacher forced ----------------------------------------------------------------------------
@@ -104,4 +108,22 @@ class ActionHead(nn.Module):
         for layer, kv, c in zip(self.layers, ctx, cache):
             x, c = layer.step(x, kv, c)
             new_cache.append(c)
-        return self.logits(x, slice(dim, dim + 1))[:, 0], new_cache
+        return self.step_logits(x, dim), new_cache
+
+    def step_logits(self, hidden: Tensor, dim: int) -> Tensor:
+        """``logits(hidden, slice(dim, dim + 1))[:, 0]`` for one position ``(b, 1, d)`` -> ``(b, a[, v])``,
+        with plain matmuls instead of einsums (same math; a decode step is dominated by per-op cost)."""
+        h = self.norm_out(hidden)[:, 0]  # (b, d)
+        if self.value_bins == 1:
+            out = torch.nn.functional.linear(h, self.out_w[dim], self.out_b[dim])  # (b, a)
+        else:
+            feats = rearrange(self.to_value_feats(h), "b (v r) -> b v r", r=self.rank)
+            out = (feats @ self.out_w[dim].t()).transpose(1, 2) + self.out_b[dim]  # (b, a, v)
+        if not self.dueling:
+            return out
+        value = torch.nn.functional.linear(h, self.val_w[dim], self.val_b[dim])  # (b, v)
+        mask, inv_count = self.bin_mask_f[dim].to(out.dtype), self.inv_bin_count[dim].to(out.dtype)  # (a,), (1,)
+        if self.value_bins == 1:
+            return value + out - (out * mask).sum(-1, keepdim=True) * inv_count
+        mean_adv = (out * mask[:, None]).sum(-2, keepdim=True) * inv_count
+        return value[:, None, :] + out - mean_adv

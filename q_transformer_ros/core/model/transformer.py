@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import ModelConfig
-from .layers import Attention, FeedForward, FiLM
+from .layers import Attention, FeedForward, FiLM, RMSNorm
 
 
 def block_causal_mask(frames: int, tokens_per_frame: int, device: torch.device | None = None) -> Tensor:
@@ -39,9 +39,9 @@ class HistoryLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, cond_dim: int):
         super().__init__()
         d = cfg.embed_dim
-        self.norm_attn, self.film_attn = nn.RMSNorm(d, elementwise_affine=False), FiLM(cond_dim, d)
+        self.norm_attn, self.film_attn = RMSNorm(d, elementwise_affine=False), FiLM(cond_dim, d)
         self.attn = Attention(d, cfg.heads, cfg.dim_head, dropout=cfg.dropout)
-        self.norm_ff, self.film_ff = nn.RMSNorm(d, elementwise_affine=False), FiLM(cond_dim, d)
+        self.norm_ff, self.film_ff = RMSNorm(d, elementwise_affine=False), FiLM(cond_dim, d)
         self.ff = FeedForward(d, cfg.ff_mult, cfg.dropout)
 
     def forward(self, x: Tensor, cond: Tensor, mask: Tensor) -> Tensor:
@@ -55,7 +55,7 @@ class HistoryTransformer(nn.Module):
     def __init__(self, cfg: ModelConfig, cond_dim: int):
         super().__init__()
         self.layers = nn.ModuleList(HistoryLayer(cfg, cond_dim) for _ in range(cfg.transformer_depth))
-        self.norm = nn.RMSNorm(cfg.embed_dim)
+        self.norm = RMSNorm(cfg.embed_dim)
 
     def forward(self, x: Tensor, cond: Tensor, mask: Tensor) -> Tensor:
         for layer in self.layers:
@@ -73,12 +73,12 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         d = cfg.embed_dim
-        self.norm_self = nn.RMSNorm(d)
+        self.norm_self = RMSNorm(d)
         self.self_attn = Attention(d, cfg.heads, cfg.dim_head, dropout=cfg.dropout)
-        self.norm_cross = nn.RMSNorm(d)
-        self.norm_context = nn.RMSNorm(d)
+        self.norm_cross = RMSNorm(d)
+        self.norm_context = RMSNorm(d)
         self.cross_attn = Attention(d, cfg.heads, cfg.dim_head, dropout=cfg.dropout)
-        self.norm_ff = nn.RMSNorm(d)
+        self.norm_ff = RMSNorm(d)
         self.ff = FeedForward(d, cfg.ff_mult, cfg.dropout)
 
     def context_kv(self, state: Tensor) -> tuple[Tensor, Tensor]:
@@ -94,10 +94,9 @@ class DecoderLayer(nn.Module):
     def step(self, x: Tensor, ctx_kv: tuple[Tensor, Tensor], cache: tuple[Tensor, Tensor] | None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """x ``(b, 1, d)``: one new action token; cache k, v ``(b, h, n_prev, dh)`` or None.
         Returns the new token's output and the cache with its k, v appended."""
-        h = self.norm_self(x)
-        k, v = self.self_attn.keys_values(h)
+        q, k, v = self.self_attn.self_qkv(self.norm_self(x))
         if cache is not None:
             k, v = torch.cat((cache[0], k), dim=2), torch.cat((cache[1], v), dim=2)
-        x = x + self.self_attn.attend(self.self_attn.queries(h), k, v)
+        x = x + self.self_attn.attend(q, k, v)
         x = x + self.cross_attn.attend(self.cross_attn.queries(self.norm_cross(x)), *ctx_kv)
         return x + self.ff(self.norm_ff(x)), (k, v)
