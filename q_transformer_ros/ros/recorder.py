@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import rclpy
 from rcl_interfaces.msg import ParameterDescriptor, ParameterType
@@ -143,20 +143,10 @@ class EpisodeRecorder(Node):
                 self.get_logger().error(str(e))
 
     def _on_start(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
-        try:
-            response.message = str(self.start_episode())
-            response.success = True
-        except (RuntimeError, OSError, ValueError) as e:
-            response.success, response.message = False, str(e)
-        return response
+        return _answer(self.start_episode, response)
 
     def _on_stop(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
-        try:
-            response.message = str(self.stop_episode())
-            response.success = True
-        except (RuntimeError, OSError, ValueError) as e:
-            response.success, response.message = False, str(e)
-        return response
+        return _answer(self.stop_episode, response)
 
     def destroy_node(self) -> None:
         """Save an episode still open before the node goes away (Ctrl-C must not lose a recording)."""
@@ -171,6 +161,16 @@ class EpisodeRecorder(Node):
                 self.stop_episode()
             except RuntimeError as e:
                 self.get_logger().error(str(e))
+
+
+def _answer(action: Callable[[], object], response: Trigger.Response) -> Trigger.Response:
+    """Run a start/stop action for a Trigger service: its result (the bag path) or its error as the message."""
+    try:
+        response.message = str(action())
+        response.success = True
+    except (RuntimeError, OSError, ValueError) as e:
+        response.success, response.message = False, str(e)
+    return response
 
 
 def _decode_string(raw: bytes) -> str:
