@@ -73,21 +73,10 @@ BENCH_INSTRUCTION = "pick up the block"
 def make_checkpoint(contract_path: str, preset: str, out: Path) -> Path:
     """A checkpoint of a randomly initialised network (latency does not depend on the weights), with the
     benchmark's instruction embedding cached in it, as the trainer caches the training instructions."""
-    import torch  # noqa: PLC0415
-
-    from q_transformer_ros.core.checkpoint import save_checkpoint  # noqa: PLC0415
-    from q_transformer_ros.core.model import ModelConfig, QTransformerNet  # noqa: PLC0415
-    from q_transformer_ros.core.text_encoder import TextEncoderConfig  # noqa: PLC0415
+    from q_transformer_ros.core.checkpoint import save_untrained_checkpoint  # noqa: PLC0415
     from q_transformer_ros.data.contract import load_contract  # noqa: PLC0415
 
-    torch.manual_seed(0)
-    contract = load_contract(contract_path)
-    cfg = ModelConfig.preset(preset, contract, text_dim=512)
-    return save_checkpoint(out, {
-        "contract": contract.to_dict(), "model_config": cfg.to_dict(), "text_encoder": TextEncoderConfig().to_dict(),
-        "objective": "q_learning", "model": QTransformerNet(cfg).state_dict(), "step": 0,
-        "instruction_embeddings": {"texts": [BENCH_INSTRUCTION], "embeddings": torch.randn(1, 512)},
-    })
+    return save_untrained_checkpoint(out, load_contract(contract_path), preset=preset, instructions=[BENCH_INSTRUCTION])
 
 
 # ------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import os
 import pickle
 import random
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -52,6 +52,35 @@ def save_checkpoint(path: str | Path, payload: Mapping[str, Any]) -> Path:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def save_untrained_checkpoint(
+    path: str | Path,
+    contract: RobotContract,
+    *,
+    preset: str = "tiny",
+    text_encoder: Mapping[str, Any] | None = None,
+    text_dim: int = 512,
+    instructions: Sequence[str] = (),
+    seed: int = 0,
+) -> Path:
+    """A checkpoint of a randomly initialised network for ``contract``: what tests, benchmarks and a
+    first wiring-up of a robot need before any training (latency and plumbing do not depend on weights).
+
+    Random embeddings for ``instructions`` are cached in it, as the trainer caches the training
+    instructions, so loading it never builds the text model. ``text_encoder``: TextEncoderConfig fields
+    (default: the default config), whose embedding width must be ``text_dim``."""
+    from q_transformer_ros.core.model import ModelConfig, QTransformerNet  # noqa: PLC0415 - torch-heavy
+    from q_transformer_ros.core.text_encoder import TextEncoderConfig  # noqa: PLC0415
+
+    torch.manual_seed(seed)
+    cfg = ModelConfig.preset(preset, contract, text_dim=text_dim)
+    text = TextEncoderConfig.from_dict(dict(text_encoder or {}), where="save_untrained_checkpoint(text_encoder)")
+    return save_checkpoint(path, {
+        "contract": contract.to_dict(), "model_config": cfg.to_dict(), "text_encoder": text.to_dict(),
+        "objective": "q_learning", "model": QTransformerNet(cfg).state_dict(), "step": 0,
+        "instruction_embeddings": {"texts": list(instructions), "embeddings": torch.randn(len(instructions), text_dim)},
+    })
 
 
 def load_checkpoint(

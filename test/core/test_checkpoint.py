@@ -111,3 +111,24 @@ def test_rng_state_round_trip(tmp_path):
     torch.testing.assert_close(got[0], expected[0])
     np.testing.assert_array_equal(got[1], expected[1])
     assert got[2] == expected[2]
+
+
+def test_untrained_checkpoint_serves_cached_instructions_without_text_model(tmp_path) -> None:
+    """save_untrained_checkpoint: loads as a policy whose cached instructions need no text model."""
+    from q_transformer_ros.core.checkpoint import load_checkpoint, save_untrained_checkpoint
+    from q_transformer_ros.core.policy import QTransformerPolicy
+    from q_transformer_ros.core.text_encoder import TextEncoderConfig
+
+    contract = tiny_contract()
+    path = save_untrained_checkpoint(tmp_path / "u.pt", contract, text_dim=16, instructions=["pick", "place"],
+                                     text_encoder={"text_overrides": {"embed_dim": 16}})
+    data = load_checkpoint(path)
+    assert data["contract"] == contract.to_dict() and data["step"] == 0
+    assert tuple(data["instruction_embeddings"]["embeddings"].shape) == (2, 16)
+    policy = QTransformerPolicy.from_checkpoint(path, device="cpu")
+    policy.reset("place")
+    cam = contract.cameras[0]
+    policy.push_frames({cam.name: np.zeros((3, cam.height, cam.width), np.uint8)})
+    decision = policy.decide()
+    assert decision.bins.shape == (contract.num_action_dims,) and 0.0 <= decision.value <= 1.0
+    assert isinstance(policy._text_encoder, TextEncoderConfig), "the text model was built for a cached instruction"

@@ -90,24 +90,12 @@ def joint_contract() -> RobotContract:
 
 
 def make_tiny_checkpoint(contract: RobotContract, path: Path) -> Path:
-    """A real checkpoint file of a tiny, randomly initialised network and a tiny random text tower."""
-    import torch  # noqa: PLC0415
+    """A real checkpoint file of a tiny, randomly initialised network and a tiny random text tower; the
+    embeddings of the instructions "seen in training" travel in it, so the text model is never built."""
+    from q_transformer_ros.core.checkpoint import save_untrained_checkpoint  # noqa: PLC0415
 
-    from q_transformer_ros.core.checkpoint import save_checkpoint  # noqa: PLC0415
-    from q_transformer_ros.core.model import ModelConfig, QTransformerNet  # noqa: PLC0415
-    from q_transformer_ros.core.text_encoder import TextEncoderConfig  # noqa: PLC0415
-
-    torch.manual_seed(0)
-    text = TextEncoderConfig(pretrained=None, text_overrides={"width": 32, "layers": 1, "heads": 2, "embed_dim": 32})
-    cfg = ModelConfig.preset("tiny", contract, text_dim=32)
-    net = QTransformerNet(cfg)
-    # Embeddings of the instructions "seen in training" travel in the checkpoint, as the trainer writes them,
-    # so the text model is never built here.
-    return save_checkpoint(path, {
-        "contract": contract.to_dict(), "model_config": cfg.to_dict(), "text_encoder": text.to_dict(),
-        "objective": "q_learning", "model": net.state_dict(), "step": 0,
-        "instruction_embeddings": {"texts": INSTRUCTIONS, "embeddings": torch.randn(len(INSTRUCTIONS), 32)},
-    })
+    text = {"pretrained": None, "text_overrides": {"width": 32, "layers": 1, "heads": 2, "embed_dim": 32}}
+    return save_untrained_checkpoint(path, contract, text_encoder=text, text_dim=32, instructions=INSTRUCTIONS)
 
 
 def tiny_policy(contract: RobotContract, tmp_path: Path) -> Any:
