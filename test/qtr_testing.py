@@ -9,7 +9,9 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(os.environ.get("QTR_VENV", REPO_ROOT / ".venv"))
@@ -85,3 +87,13 @@ def ros_subprocess_env(domain_id: int | None = None, **extra: str) -> dict[str, 
         env["ROS_DOMAIN_ID"] = str(domain_id)
     env.update(extra)
     return env
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 8.0, what: str = "condition") -> None:
+    """Poll ``predicate`` every 20 ms (DDS callbacks run on another thread); fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")

@@ -39,6 +39,7 @@ from trajectory_msgs.msg import JointTrajectory  # noqa: E402
 from q_transformer_ros.data.contract import RobotContract, parse_contract  # noqa: E402
 from q_transformer_ros.ros.policy_node import ManagedPolicyNode, PolicyNode, load_interfaces  # noqa: E402
 from q_transformer_ros.ros.qos import COMMAND_QOS, DIAGNOSTIC_QOS, INSTRUCTION_QOS, SENSOR_QOS  # noqa: E402
+from qtr_testing import wait_for  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 DecisionMsg, ScoreInstructions = load_interfaces()
@@ -230,12 +231,7 @@ class Harness:
         self.thread.start()
 
     def wait_for(self, predicate, timeout: float = 8.0, what: str = "condition") -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return
-            time.sleep(0.02)
-        raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        wait_for(predicate, timeout, what)
 
     def call(self, srv_type: Any, name: str, request: Any) -> Any:
         if name not in self.clients:  # clients live as long as the robot node (destroying one mid-spin races the executor)

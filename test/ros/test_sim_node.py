@@ -19,7 +19,7 @@ os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -41,6 +41,7 @@ from q_transformer_ros.data.contract import ContractError  # noqa: E402
 from q_transformer_ros.ros.expert_node import ExpertNode  # noqa: E402
 from q_transformer_ros.ros.qos import COMMAND_QOS, DIAGNOSTIC_QOS, INSTRUCTION_QOS, SENSOR_QOS  # noqa: E402
 from q_transformer_ros.ros.sim_node import SimNode  # noqa: E402
+from qtr_testing import wait_for  # noqa: E402
 
 pytestmark = pytest.mark.ros
 RATE_HZ = 20.0  # faster than the contract's 10 Hz to keep the test short; rendering 64x64 takes ~25 ms
@@ -107,15 +108,6 @@ class Probe(Node):
             req.parameters.append(ParameterMsg(name=name, value=pv))
         result = self.call(self.param_client, req)
         assert all(r.successful for r in result.results), [r.reason for r in result.results]
-
-
-def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 class Spinner:
