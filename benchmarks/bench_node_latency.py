@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
 
     import rclpy  # noqa: PLC0415
-    from rclpy.executors import MultiThreadedExecutor  # noqa: PLC0415
+    from rclpy.executors import SingleThreadedExecutor  # noqa: PLC0415
     from rclpy.node import Node  # noqa: PLC0415
     from sensor_msgs.msg import Image  # noqa: PLC0415
     from std_msgs.msg import String  # noqa: PLC0415
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
 
     node.create_timer(1.0 / args.rate, publish_frames)
     instr_pub.publish(String(data=BENCH_INSTRUCTION))
-    executor = MultiThreadedExecutor(num_threads=2)
+    executor = SingleThreadedExecutor()
     executor.add_node(node)
     spin = threading.Thread(target=executor.spin, daemon=True)
     spin.start()

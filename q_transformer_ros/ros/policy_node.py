@@ -4,12 +4,19 @@ Everything it needs comes from one checkpoint: the robot contract inside it name
 instruction topic, the control rate, the action dims with their ranges and the topics/fields they are
 commanded on. Parameters (``config/policy.yaml``) only override topics and rates.
 
-Threading, and why: images arrive at camera rate on their own callback group and only replace the
-newest frame per camera (latest wins, old frames are dropped), so they never queue behind the model.
-Inference runs on a timer at the control rate in a separate mutually exclusive group (with the
-scoring service, which needs the same model) on a MultiThreadedExecutor. At each tick the newest
-frame of every camera is pushed into the policy once, so the frame history advances exactly one
-frame per camera per control step, as in the converted training data.
+Threading, and why: the model runs on a dedicated inference thread, woken by a timer at the control
+rate; executor callbacks only store inputs (images replace the newest frame per camera: latest wins,
+old frames are dropped, nothing queues behind the model). ``main`` spins a SingleThreadedExecutor.
+Measured on the 2-core VM with a tiny model at 10 Hz (test harness, 6 s windows): with the step in a
+timer callback on rclpy's MultiThreadedExecutor, the executor's own Python loop took ~36 % of a core
+and, whenever its pool fell behind, re-yielded pending tasks in a hot loop holding the GIL that every
+torch op gives up and must take back, so a 20 ms decision took 1-4 s and the node stopped for
+staleness; with the inference thread and a single-threaded executor the executor took ~23 % and the
+slowest frame encode 25 ms. At each tick the newest frame of every camera is pushed into the policy
+once, so the frame history advances exactly one frame per camera per control step, as in the
+converted training data. A tick that finds the previous step still running is counted in
+``overruns``; the next step then starts as soon as the running one ends (ticks never queue up). The
+scoring service runs the same model under the same lock, so the control loop pauses while it scores.
 
 Safety: a command is published only from fresh frames (every camera younger than ``max_frame_age_s``)
 and, unless the contract allows none, an instruction. Otherwise, and on a NaN or an exception in
@@ -21,6 +28,7 @@ are good again; the history is cleared then, because the model was never trained
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import threading
@@ -35,7 +43,7 @@ import rclpy
 from rcl_interfaces.msg import ParameterDescriptor, ParameterType
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.exceptions import ParameterUninitializedException
-from rclpy.executors import MultiThreadedExecutor
+from rclpy.executors import SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.node import Node
 from rclpy.signals import SignalHandlerOptions
@@ -232,7 +240,8 @@ class _PolicyCore:
             self.policy.warmup()
             self.get_logger().info(f"warm-up took {time.perf_counter() - t0:.2f} s")
         self.policy.reset(self._fallback_instruction())
-        self._track("timer", self.create_timer(1.0 / self.control_rate_hz, self._on_tick, callback_group=self._inference_group))
+        self._start_inference_thread()
+        self._track("timer", self.create_timer(1.0 / self.control_rate_hz, self._on_timer, callback_group=self._inference_group))
         self.get_logger().info(
             f"contract '{c.name}': cameras {self.camera_topics}, instruction topic {self.instruction_topic}, "
             f"outputs {[(g.topic, g.msg_type.split('/')[-1]) for g in self.outputs]}, {self.control_rate_hz} Hz, "
@@ -246,6 +255,7 @@ class _PolicyCore:
 
     def _teardown(self) -> None:
         """Destroy everything ``_setup`` created (managed node: cleanup / shutdown)."""
+        self._stop_inference_thread()
         destroy = {"subscription": self.destroy_subscription, "publisher": self.destroy_publisher,
                    "service": self.destroy_service, "timer": self.destroy_timer}
         for kind, entity in reversed(getattr(self, "_entities", [])):
@@ -414,6 +424,50 @@ class _PolicyCore:
                 return f"delta dim '{d.name}': {d.source.topic} is stale ({age:.3f} s)"
         return None
 
+    def _start_inference_thread(self) -> None:
+        self.overruns = 0
+        """Timer ticks that found the previous control step still running (model too slow for the rate)."""
+        self._tick_wanted = threading.Event()
+        self._inference_done = threading.Event()
+        self._in_step = False
+        self._inference_thread = threading.Thread(target=self._inference_loop, name=f"{self.get_name()}_inference", daemon=True)
+        self._inference_thread.start()
+
+    def _stop_inference_thread(self) -> None:
+        thread = getattr(self, "_inference_thread", None)
+        if thread is None:
+            return
+        self._inference_done.set()
+        self._tick_wanted.set()
+        if thread is not threading.current_thread():
+            thread.join(timeout=10.0)
+        self._inference_thread = None
+
+    def _on_timer(self) -> None:
+        """Executor side of the control loop: wake the inference thread, never wait for it."""
+        if self._in_step or self._tick_wanted.is_set():
+            self.overruns += 1
+            self.get_logger().warning(
+                f"control step slower than {self.control_rate_hz} Hz ({self.overruns} overruns so far): the next "
+                f"step starts when this one ends; a GPU, a smaller model or a lower control rate would keep up",
+                throttle_duration_sec=WARN_THROTTLE_S)
+        self._tick_wanted.set()
+
+    def _inference_loop(self) -> None:
+        while True:
+            self._tick_wanted.wait()
+            if self._inference_done.is_set():
+                return
+            self._in_step = True
+            self._tick_wanted.clear()
+            try:
+                self._on_tick()
+            except Exception as e:  # noqa: BLE001 - the thread must outlive any one step
+                self.get_logger().error(f"control step raised outside its guard: {type(e).__name__}: {e}",
+                                        throttle_duration_sec=WARN_THROTTLE_S)
+            finally:
+                self._in_step = False
+
     def _on_tick(self) -> None:
         with self._tick_lock:
             self._tick()
@@ -481,6 +535,7 @@ class _PolicyCore:
     def _stop(self, now: Any, reason: str) -> None:
         """Publish the contract's stop behaviour once after the last command; never a stale command."""
         if self._stopped:
+            self._stop_reason = reason  # still stopped, maybe for another reason now: report the current one
             return
         self._stopped = True
         self._stop_reason = reason
@@ -490,6 +545,11 @@ class _PolicyCore:
             self.get_logger().warning(f"stop (zero command sent): {reason}")
         else:
             self.get_logger().warning(f"stop (hold: no command sent): {reason}")
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why the node is not commanding now (None while it is): what the last stop was entered for."""
+        return self._stop_reason if self._stopped else None
 
     def stop_values(self) -> np.ndarray:
         """The 'zero' stop: zero for absolute dims, the current measured value for delta dims (no motion)."""
@@ -580,6 +640,7 @@ class _PolicyCore:
     def destroy_node(self) -> None:
         """Send the stop behaviour if commands were being sent, then destroy."""
         self._closing = True
+        self._stop_inference_thread()  # waits for a running control step; no step starts after this
         try:
             if not getattr(self, "_stopped", True) and getattr(self, "_command_pubs", None) and rclpy.ok(context=self.context):
                 got = self._tick_lock.acquire(timeout=2.0)  # let a running control step finish first
@@ -665,9 +726,12 @@ def main(args: list[str] | None = None) -> int:
         argv.remove("--managed")
     # Own signal handling: on Ctrl-C / SIGTERM the context must still be alive so that destroy_node can
     # send the stop behaviour to the robot before rclpy shuts down.
+    # The inference thread gives up the GIL in every torch op and must take it back from the executor
+    # thread; at Python's default 5 ms switch interval that wait dominated small-model decisions.
+    sys.setswitchinterval(float(os.environ.get("QTR_GIL_SWITCH_S", "0.001")))
     rclpy.init(args=argv, signal_handler_options=SignalHandlerOptions.NO)
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    return spin_node(ManagedPolicyNode if managed else PolicyNode, NODE_NAME, MultiThreadedExecutor(num_threads=4))
+    return spin_node(ManagedPolicyNode if managed else PolicyNode, NODE_NAME, SingleThreadedExecutor())
 
 
 def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:

@@ -28,7 +28,7 @@ from PIL import Image as PILImage
 rclpy = pytest.importorskip("rclpy")
 
 from geometry_msgs.msg import TwistStamped  # noqa: E402
-from rclpy.executors import MultiThreadedExecutor  # noqa: E402
+from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.node import Node  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from sensor_msgs.msg import CompressedImage, Image, JointState  # noqa: E402
@@ -131,10 +131,14 @@ class SpyPolicy:
     fail_with: Exception | None = None
     """Set to make the next decisions raise (fault injection: a NaN or a CUDA error in the model)."""
 
+    delay_s = 0.0
+    """Set to make every decision this much slower (a big model on a small CPU)."""
+
     def decide(self) -> Any:
         self.history_at_decide.append(self.pushes_since_reset)
         if self.fail_with is not None:
             raise self.fail_with
+        time.sleep(self.delay_s)
         return self._policy.decide()
 
 
@@ -215,7 +219,8 @@ class FakeRobot(Node):
 
 
 class Harness:
-    """Policy node + fake robot on one MultiThreadedExecutor in a background thread."""
+    """Policy node and fake robot, each on its own SingleThreadedExecutor and thread, as two processes
+    would run them (the node's ``main`` spins a SingleThreadedExecutor; its model has its own thread)."""
 
     def __init__(self, contract: RobotContract, policy: Any, managed: bool = False, **params: Any) -> None:
         overrides = [Parameter(k, value=v) for k, v in params.items()]
@@ -223,12 +228,13 @@ class Harness:
         node_cls = ManagedPolicyNode if managed else PolicyNode
         self.node = node_cls(self.policy, parameter_overrides=overrides)
         self.robot = FakeRobot(contract)
-        self.executor = MultiThreadedExecutor(num_threads=4)
-        self.executor.add_node(self.node)
-        self.executor.add_node(self.robot)
+        self.executors = [SingleThreadedExecutor(), SingleThreadedExecutor()]
+        self.executors[0].add_node(self.node)
+        self.executors[1].add_node(self.robot)
         self.clients: dict[str, Any] = {}
-        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self.thread.start()
+        self.threads = [threading.Thread(target=ex.spin, daemon=True) for ex in self.executors]
+        for t in self.threads:
+            t.start()
 
     def wait_for(self, predicate, timeout: float = 8.0, what: str = "condition") -> None:
         wait_for(predicate, timeout, what)
@@ -243,8 +249,9 @@ class Harness:
         return future.result()
 
     def close(self) -> None:
-        self.executor.shutdown(timeout_sec=5.0)  # waits for running callbacks (a slow step on a busy machine)
-        self.thread.join(timeout=5.0)
+        for ex, t in zip(self.executors, self.threads):
+            ex.shutdown(timeout_sec=5.0)  # waits for a running callback (a slow one on a busy machine)
+            t.join(timeout=5.0)
         self.node.destroy_node()
         self.robot.destroy_node()
 
@@ -286,10 +293,21 @@ def joint(policies):
     h.close()
 
 
+def is_zero_twist(msg: TwistStamped) -> bool:
+    t = msg.twist
+    return (t.linear.x, t.linear.y, t.linear.z, t.angular.x, t.angular.y, t.angular.z) == (0.0,) * 6
+
+
 def start(h: Harness, instruction: str = "pick up the block") -> None:
     h.robot.instruction_pub.publish(String(data=instruction))
     for topic in h.robot.commands:
-        h.wait_for(lambda t=topic: h.robot.count(t) >= 3, what=f"3 commands on {topic}")
+        try:
+            h.wait_for(lambda t=topic: h.robot.count(t) >= 3, what=f"3 commands on {topic}")
+        except AssertionError as e:
+            pubs = {g.topic: p.get_subscription_count() for g, p in zip(h.node.outputs, h.node._command_pubs)}
+            raise AssertionError(f"{e}; node decisions {h.node.decisions}, stops {h.node.stops}, reason "
+                                 f"{h.node.stop_reason!r}, subscribers per command topic {pubs}, "
+                                 f"received {dict((t, h.robot.count(t)) for t in h.robot.commands)}") from None
 
 
 def test_ee_arm_commands_type_size_range(ee: Harness) -> None:
@@ -312,7 +330,7 @@ def test_ee_arm_commands_type_size_range(ee: Harness) -> None:
     centres = c.bins_to_actions(np.stack([np.arange(8)] * 4, axis=1))
     assert any(np.isclose(twists[-1].twist.linear.x, centres[:, 0]))
     assert any(np.isclose(grips[-1].data[0], centres[:, 3]))
-    assert ee.node.decisions >= 3 and ee.node.stops == 0
+    assert ee.node.decisions >= 3
     if DecisionMsg is not None:
         ee.wait_for(lambda: any(d.commanded for d in ee.robot.decisions), what="a commanded Decision")
         d = next(d for d in reversed(ee.robot.decisions) if d.commanded)
@@ -336,30 +354,38 @@ def test_joint_trajectory_delta_commands_and_hold_on_stale(joint: Harness) -> No
         assert tfs.sec + tfs.nanosec * 1e-9 == pytest.approx(0.1)
         delta = np.array(m.points[0].positions) - joint.robot.joint_positions
         assert np.all(delta >= c.action_low - 1e-9) and np.all(delta <= c.action_high + 1e-9), delta
-    # 'hold': a stale camera stops the commands and sends nothing in their place
+    # 'hold': a stale camera stops the commands and sends nothing in their place. On a loaded machine the
+    # other camera's publisher can stall past max_frame_age too (a stop, then commands again): wait for the
+    # stop that names the camera turned off, not for the first stop.
     joint.robot.camera_mode["scene"] = "off"
-    joint.wait_for(lambda: joint.node.stops == 1, what="stop on stale scene camera")
+    joint.wait_for(lambda: "'scene'" in (joint.node.stop_reason or ""), what="stop on stale scene camera")
+    stops = joint.node.stops
     t0 = time.monotonic()
     time.sleep(0.8)
     assert joint.robot.since("/t/arm/joint_trajectory", t0) == []
-    assert joint.node.stops == 1
+    assert joint.node.stops == stops and "'scene'" in joint.node.stop_reason
 
 
 def test_stale_camera_gives_exactly_one_zero_stop(ee: Harness) -> None:
     start(ee)
+    stops_before = ee.node.stops
     ee.robot.camera_mode["front"] = "off"
     t_off = time.monotonic()
-    ee.wait_for(lambda: ee.node.stops == 1, what="stop on stale camera")
+    # a stop after the newest frame has aged past max_frame_age_s (0.3 s) is the one for the camera turned
+    # off; an earlier one may come from a publisher stalled by a loaded machine
+    ee.wait_for(lambda: "'front'" in (ee.node.stop_reason or "") and time.monotonic() > t_off + 0.5,
+                what="stop on stale camera")
+    stops = ee.node.stops
     time.sleep(1.0)  # ten more control periods: nothing may follow the stop
     twists = ee.robot.since("/t/ee_cmd", t_off)
     grips = ee.robot.since("/t/gripper_cmd", t_off)
-    # commands made from still-fresh frames (< max_frame_age_s) may come first, then exactly one stop
-    assert len(twists) <= 1 + int(0.3 * 10) + 1
+    # commands made from still-fresh frames (< max_frame_age_s) may come first, then the stop
+    assert 1 <= sum(map(is_zero_twist, twists)) <= stops - stops_before  # one zero command per stop entered
     last = twists[-1].twist
     assert (last.linear.x, last.linear.y, last.linear.z, last.angular.z) == (0.0, 0.0, 0.0, 0.0)
     assert grips[-1].data[0] == 0.0
     n_after_stop = len(ee.robot.since("/t/ee_cmd", time.monotonic() - 0.7))
-    assert n_after_stop == 0 and ee.node.stops == 1
+    assert n_after_stop == 0 and ee.node.stops == stops
     # frames come back: commands resume on a fresh history
     resets_before = len(ee.policy.resets)
     ee.robot.camera_mode["front"] = "good"
@@ -394,7 +420,8 @@ def test_bad_frames_warn_and_node_keeps_running(joint: Harness, mode: str) -> No
     joint.robot.camera_mode["scene"] = mode
     joint.wait_for(lambda: joint.node._bad_frames["wrist"] >= 3 and joint.node._bad_frames["scene"] >= 3,
                    what="bad frames counted")
-    joint.wait_for(lambda: joint.node.stops == 1, what="stop (bad frames are no frames)")
+    joint.wait_for(lambda: "'scene'" in (joint.node.stop_reason or "") or "'wrist'" in (joint.node.stop_reason or ""),
+                   what="stop (bad frames are no frames)")
     joint.robot.camera_mode["wrist"] = "good"
     joint.robot.camera_mode["scene"] = "good"
     t0 = time.monotonic()
@@ -416,17 +443,20 @@ def test_score_instructions_service(ee: Harness) -> None:
 
 def test_enable_false_stops_commands(ee: Harness) -> None:
     start(ee)
+    stops_before = ee.node.stops
     t0 = time.monotonic()
     res = ee.call(SetBool, "/policy_node/enable", SetBool.Request(data=False))
     assert res.success
-    ee.wait_for(lambda: ee.node.stops == 1, what="stop after disable")
+    ee.wait_for(lambda: "disabled" in (ee.node.stop_reason or ""), what="stop after disable")
+    stops = ee.node.stops
     time.sleep(0.2)  # let the stop arrive
     after = ee.robot.since("/t/ee_cmd", t0)
-    assert 1 <= len(after) <= 2  # at most one command in flight, then the single zero stop
-    assert after[-1].twist.linear.x == 0.0 and after[-1].twist.angular.z == 0.0
+    assert after and is_zero_twist(after[-1])  # the zero stop comes last
+    assert 1 <= sum(map(is_zero_twist, after)) <= stops - stops_before  # one zero command per stop, not a stream
     t_stop = time.monotonic()
     time.sleep(0.6)
     assert ee.robot.since("/t/ee_cmd", t_stop) == [] and ee.robot.since("/t/gripper_cmd", t_stop) == []
+    assert ee.node.stops == stops
     ee.call(SetBool, "/policy_node/enable", SetBool.Request(data=True))
     t1 = time.monotonic()
     ee.wait_for(lambda: len(ee.robot.since("/t/ee_cmd", t1)) >= 2, what="commands after enable")
@@ -436,13 +466,29 @@ def test_inference_error_stops_once_and_node_recovers(ee: Harness) -> None:
     start(ee)
     t0 = time.monotonic()
     ee.policy.fail_with = FloatingPointError("policy produced non-finite Q values [nan]")
-    ee.wait_for(lambda: ee.node.stops == 1, what="stop after inference error")
+    ee.wait_for(lambda: "error" in (ee.node.stop_reason or ""), what="stop after inference error")
+    stops = ee.node.stops
     time.sleep(0.5)  # several failing steps: still one stop only
     after = ee.robot.since("/t/ee_cmd", t0)
-    assert after and after[-1].twist.linear.x == 0.0 and ee.node.stops == 1
+    assert after and after[-1].twist.linear.x == 0.0 and ee.node.stops == stops
+    assert ee.robot.since("/t/ee_cmd", time.monotonic() - 0.4) == []
     n = len(after)
     ee.policy.fail_with = None
     ee.wait_for(lambda: len(ee.robot.since("/t/ee_cmd", t0)) >= n + 2, what="commands after the error cleared")
+
+
+def test_slow_model_counts_overruns_and_inputs_keep_flowing(ee: Harness) -> None:
+    """A step longer than the control period (0.25 s at 10 Hz) runs on the inference thread: frames and
+    services are still served meanwhile, each late tick is counted, and steps run back to back."""
+    start(ee)
+    ee.policy.delay_s = 0.25
+    ee.wait_for(lambda: ee.node.overruns >= 3, what="overruns counted")
+    frames_before, decisions_before = ee.node._received["front"], ee.node.decisions
+    assert ee.call(SetBool, "/policy_node/enable", SetBool.Request(data=True)).success
+    time.sleep(1.0)
+    assert ee.node._received["front"] - frames_before >= 15  # 30 Hz camera: the executor never waits for the model
+    assert 2 <= ee.node.decisions - decisions_before <= 5  # about one step per 0.25 s, not one per 0.1 s tick
+    assert ee.node.stop_reason is None  # slow but fresh: still commanding
 
 
 def test_node_loads_checkpoint_parameter(tmp_path) -> None:
