@@ -76,13 +76,36 @@ class FiLM(nn.Module):
         return torch.addcmul(beta, x, 1 + gamma)  # x * (1 + gamma) + beta in one pass over x
 
 
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` (same module, no parameters) with a faster CPU training path.
+
+    Why: on CPU, torch's dropout draws one Mersenne-Twister number per element (``bernoulli_``), which was
+    13 % of a small-config training step (38 calls, 4 ms each). Here one 64-bit draw gives four 16-bit
+    uniforms, so the keep mask costs far less (1M elements, 1 thread, forward + backward: 26.7 -> ~12 ms). The drop
+    probability is rounded to a multiple of 1/65536 (0.1 -> 0.100006); kept values are scaled by
+    1/(1 - that probability), so the expectation is preserved exactly. Other devices, eval mode and
+    p = 0 use ``nn.Dropout`` unchanged. Seeded by ``torch.manual_seed`` like any CPU draw."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0 or x.device.type != "cpu" or self.inplace:
+            return super().forward(x)
+        threshold = round(self.p * 65536)
+        if threshold >= 65536:
+            return torch.zeros_like(x)
+        n = x.numel()
+        bits = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
+        uniform16 = bits.view(torch.int16)[:n].view(x.shape)  # uniform over [-32768, 32767]
+        keep = uniform16 >= threshold - 32768  # P(keep) = 1 - threshold / 65536
+        return x * keep.to(x.dtype).mul_(65536 / (65536 - threshold))  # one float mask: backward is one mul too
+
+
 class FeedForward(nn.Module):
     """Pre-norm MLP; the norm is applied by the caller (so it can be FiLM-modulated)."""
 
     def __init__(self, dim: int, mult: float = 4.0, dropout: float = 0.0):
         super().__init__()
         inner = int(dim * mult)
-        self.net = nn.Sequential(nn.Linear(dim, inner), nn.GELU(), nn.Dropout(dropout), nn.Linear(inner, dim), nn.Dropout(dropout))
+        self.net = nn.Sequential(nn.Linear(dim, inner), nn.GELU(), Dropout(dropout), nn.Linear(inner, dim), Dropout(dropout))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)

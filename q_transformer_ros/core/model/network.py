@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from ..hl_gauss import support_for
 from .action_head import ActionHead
 from .config import ModelConfig
+from .frame_dedup import unique_frames
 from .maxvit import MaxViT
 from .token_learner import TokenLearner
 from .transformer import HistoryTransformer, block_causal_mask, sincos_embedding
@@ -113,6 +114,9 @@ class QTransformerNet(nn.Module):
         images = rearrange(frames, "b c f ch h w -> (b c f) ch h w")
         rep_text = None if text_embed is None else repeat(text_embed, "b t -> (b n) t", n=c * f)
         rep_mask = None if text_mask is None else repeat(text_mask, "b -> (b n)", n=c * f)
+        distinct = unique_frames(images, rep_text, rep_mask) if self._frames_independent() else None
+        if distinct is not None:  # encode each distinct (frame, instruction) once, then fan the tokens out
+            images, rep_text, rep_mask = distinct.images, distinct.text, distinct.mask
         chunk = self._encode_chunk(images)
         if chunk >= images.shape[0]:
             tokens = self.encode_frames(images, rep_text, rep_mask)
@@ -122,6 +126,8 @@ class QTransformerNet(nn.Module):
                                    None if rep_mask is None else rep_mask[i : i + chunk])
                 for i in range(0, images.shape[0], chunk)
             ])
+        if distinct is not None:
+            tokens = tokens[distinct.inverse]
         tokens = rearrange(tokens, "(b c f) k d -> b f (c k) d", b=b, c=c)
         return self.encode_state(tokens, text_embed, text_mask)
 
@@ -129,6 +135,12 @@ class QTransformerNet(nn.Module):
     """Inference on CPU encodes at most this many pixels of images at once: MaxViT's full-resolution
     feature maps of a 6-frame 224² batch fall out of cache (measured ~12 % slower than 1-2 frames at
     a time). Images are independent in the encoder, so the result is the same."""
+
+    def _frames_independent(self) -> bool:
+        """True when an image's tokens depend on nothing else in the batch and no gradient is recorded
+        (eval mode or no BatchNorm): then equal images may share one encoding (``frame_dedup``).
+        With a gradient the duplicates would still be exact, but the sharing is not worth the gather."""
+        return not torch.is_grad_enabled() and not (self.training and self.cfg.use_batchnorm)
 
     def _encode_chunk(self, images: Tensor) -> int:
         """How many images ``encode`` passes to ``encode_frames`` at once (all of them unless CPU inference)."""
