@@ -191,7 +191,7 @@ class _PolicyCore:
 
         # -- callback groups -----------------------------------------------------------------------
         self._image_group = ReentrantCallbackGroup()
-        self._inference_group = MutuallyExclusiveCallbackGroup()
+        self._timer_group = MutuallyExclusiveCallbackGroup()  # the control timer only wakes the inference thread
         self._control_group = MutuallyExclusiveCallbackGroup()
         self._service_group = MutuallyExclusiveCallbackGroup()  # scoring: embeds off the control loop
 
@@ -241,7 +241,7 @@ class _PolicyCore:
             self.get_logger().info(f"warm-up took {time.perf_counter() - t0:.2f} s")
         self.policy.reset(self._fallback_instruction())
         self._start_inference_thread()
-        self._track("timer", self.create_timer(1.0 / self.control_rate_hz, self._on_timer, callback_group=self._inference_group))
+        self._track("timer", self.create_timer(1.0 / self.control_rate_hz, self._on_timer, callback_group=self._timer_group))
         self.get_logger().info(
             f"contract '{c.name}': cameras {self.camera_topics}, instruction topic {self.instruction_topic}, "
             f"outputs {[(g.topic, g.msg_type.split('/')[-1]) for g in self.outputs]}, {self.control_rate_hz} Hz, "
@@ -724,11 +724,12 @@ def main(args: list[str] | None = None) -> int:
     managed = "--managed" in argv[: argv.index("--ros-args")] if "--ros-args" in argv else "--managed" in argv
     if managed:
         argv.remove("--managed")
+    # The inference thread gives up the GIL in every torch op and must take it back from the executor
+    # thread; with Python's default 5 ms switch interval that wait cost several ms per decision
+    # (docs/policy_node.md: camera-to-command p50 40 -> 30 ms at 1 ms).
+    sys.setswitchinterval(float(os.environ.get("QTR_GIL_SWITCH_S", "0.001")))
     # Own signal handling: on Ctrl-C / SIGTERM the context must still be alive so that destroy_node can
     # send the stop behaviour to the robot before rclpy shuts down.
-    # The inference thread gives up the GIL in every torch op and must take it back from the executor
-    # thread; at Python's default 5 ms switch interval that wait dominated small-model decisions.
-    sys.setswitchinterval(float(os.environ.get("QTR_GIL_SWITCH_S", "0.001")))
     rclpy.init(args=argv, signal_handler_options=SignalHandlerOptions.NO)
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     return spin_node(ManagedPolicyNode if managed else PolicyNode, NODE_NAME, SingleThreadedExecutor())

@@ -55,5 +55,5 @@ def unique_frames(images: Tensor, text: Tensor | None, mask: Tensor | None) -> U
     rank = torch.empty_like(order)
     rank[order] = torch.arange(u, device=images.device)
     first = first[order]
-    pick = (lambda t: None if t is None else t[first])
-    return UniqueFrames(images[first], pick(text), pick(mask), rank[inverse])
+    return UniqueFrames(images[first], None if text is None else text[first], None if mask is None else mask[first],
+                        rank[inverse])
