@@ -244,6 +244,8 @@ def make_target_network(online: nn.Module) -> nn.Module:
     target = copy.deepcopy(unwrap(online))
     target.requires_grad_(False)
     target.eval()
+    if hasattr(target, "share_repeated_frames"):  # its batches are [s_t; s_t+n]: F - n frames repeat per sample
+        target.share_repeated_frames = True
     return target
 
 

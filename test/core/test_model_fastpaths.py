@@ -107,6 +107,7 @@ def test_unique_frames_is_exact_and_keeps_conditioning_apart() -> None:
 
 def test_encode_shares_repeated_frames_without_changing_the_state() -> None:
     """The learner's target pass: s_t and s_{t+1} of the same samples share F - 1 frames."""
+    from q_transformer_ros.core.learner import make_target_network
     from q_transformer_ros.core.model import ModelConfig, QTransformerNet
 
     torch.manual_seed(6)
@@ -119,15 +120,15 @@ def test_encode_shares_repeated_frames_without_changing_the_state() -> None:
     encode_frames = net.encode_frames
     net.encode_frames = lambda images, *a: calls.append(images.shape[0]) or encode_frames(images, *a)
     with torch.no_grad():
+        separate = net.encode(frames, text, mask)  # not asked to share: every image is encoded
+        assert sum(calls) == 12 * net.cfg.num_cameras
+        calls.clear()
+        net.share_repeated_frames = True  # what learner.make_target_network sets on the target network
         shared = net.encode(frames, text, mask)
         assert sum(calls) == 8 * net.cfg.num_cameras
-        net._frames_independent = lambda: False
-        calls.clear()
-        separate = net.encode(frames, text, mask)
-        assert sum(calls) == 12 * net.cfg.num_cameras
     torch.testing.assert_close(shared, separate, rtol=1e-5, atol=1e-5)
+    assert make_target_network(QTransformerNet(net.cfg)).share_repeated_frames
     net.train()
-    net._frames_independent = type(net)._frames_independent.__get__(net)
     calls.clear()
     net.encode(frames, text, mask)  # with a gradient every image is encoded
     assert sum(calls) == 12 * net.cfg.num_cameras

@@ -102,6 +102,12 @@ class QTransformerNet(nn.Module):
         cond = self.condition(text_embed, text_mask, b)
         return self.history(x, cond, mask)
 
+    share_repeated_frames = False
+    """Set on a network whose batches repeat frames (``learner.make_target_network`` does: the target
+    pass over [s_t; s_t+n] shares F - n frames per sample): under no-grad each distinct (frame,
+    conditioning) is then encoded once (``frame_dedup``). Off by default: finding repeats costs 0.3-0.9 ms
+    per call on CPU (2-64 images of 64², 6 of 224², 1 thread), a loss where there are none (a policy's ``act``)."""
+
     def encode(self, frames: Tensor, text_embed: Tensor | None, text_mask: Tensor | None = None) -> Tensor:
         """frames ``(b, c, f, 3, h, w)`` -> state ``(b, f*c*k, d)`` (full recomputation)."""
         cfg = self.cfg
@@ -114,7 +120,7 @@ class QTransformerNet(nn.Module):
         images = rearrange(frames, "b c f ch h w -> (b c f) ch h w")
         rep_text = None if text_embed is None else repeat(text_embed, "b t -> (b n) t", n=c * f)
         rep_mask = None if text_mask is None else repeat(text_mask, "b -> (b n)", n=c * f)
-        distinct = unique_frames(images, rep_text, rep_mask) if self._frames_independent() else None
+        distinct = unique_frames(images, rep_text, rep_mask) if self.share_repeated_frames and self._frames_independent() else None
         if distinct is not None:  # encode each distinct (frame, instruction) once, then fan the tokens out
             images, rep_text, rep_mask = distinct.images, distinct.text, distinct.mask
         chunk = self._encode_chunk(images)
