@@ -46,14 +46,15 @@ def make_net(arch: common.BenchArch, contract: Any, text_dim: int = 512) -> Any:
     return QTransformerNet(cfg)
 
 
-def make_policy(arch: common.BenchArch, device: str = "cpu") -> Any:
+def make_policy(arch: common.BenchArch, device: str = "cpu", compile_mode: str = "off") -> Any:
     """Policy with randomly initialised weights (latency does not depend on the weights), no instruction
-    (the learned null embedding is used, like the reference's condition_on_text=False)."""
+    (the learned null embedding is used, like the reference's condition_on_text=False). ``compile_mode``
+    as ``QTransformerPolicy``'s (compiles at the first decision)."""
     from q_transformer_ros.core.policy import QTransformerPolicy
 
     contract = make_contract(arch)
     net = make_net(arch, contract)
-    policy = QTransformerPolicy(contract, net, None, device=device)
+    policy = QTransformerPolicy(contract, net, None, device=device, compile_mode=compile_mode)
     policy.reset(None)
     return policy
 

@@ -7,6 +7,9 @@ Rows per model size (``--configs``):
   ours streaming      ``push_frames({cam: (3, H, W)})`` + ``decide()``: one new frame through MaxViT, the
                       rest from the token cache; what our node pays per control step.
   ours decide only    ``decide()`` on a full token cache (history transformer + KV-cached head).
+With ``--compile MODE`` the three rows of ours are measured again on a policy whose streaming steps are
+compiled (``compile_mode``; ``act`` then runs the compiled steps one time step at a time); the compile
+time (the policy's ``warmup``) is printed under the table.
 Ratios are ours p50 / reference p50 (targets, issue 6: streaming <= 1/6 on CPU; issue 2: full <= 1/3).
 
 The reference runs in .venv-bench (``scripts/setup_bench_env.sh``) via ``reference_worker.py``; without that
@@ -35,7 +38,10 @@ DEFAULT_ITERS = {"small": (3, 30), "readme": (1, 5)}
 QUICK_ITERS = (1, 3)
 
 
-def measure_ours(arch: common.BenchArch, warmup: int, iters: int, device: str, seed: int) -> dict[str, Any]:
+def measure_ours(arch: common.BenchArch, warmup: int, iters: int, device: str, seed: int,
+                 compile_mode: str = "off") -> dict[str, Any]:
+    import time
+
     import numpy as np
     import torch
 
@@ -43,11 +49,14 @@ def measure_ours(arch: common.BenchArch, warmup: int, iters: int, device: str, s
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    policy = _ours.make_policy(arch, device=device)
+    policy = _ours.make_policy(arch, device=device, compile_mode=compile_mode)
     cam = policy.camera_names[0]
     video = _ours.random_frames(arch, arch.frames, rng)
     stream = _ours.random_frames(arch, arch.frames + 8, rng)
     out: dict[str, Any] = dict(params=common.count_params(policy.net))
+    t0 = time.perf_counter()
+    policy.warmup()  # what the node does at start; compiles the steps when compile_mode is set
+    out["warmup_s"] = time.perf_counter() - t0
 
     out["full"] = common.time_calls(lambda: policy.act({cam: video}), warmup, iters)
 
@@ -81,6 +90,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=None, help="untimed decisions before timing (default per config)")
     p.add_argument("--iters", type=int, default=None, help="timed decisions of ours (default per config)")
     p.add_argument("--reference-iters", type=int, default=None, help="timed reference decisions (default per config)")
+    p.add_argument("--compile", default="off", metavar="MODE",
+                   help="also measure ours with the streaming steps compiled in this torch.compile mode "
+                        "(default, reduce-overhead, max-autotune, ...; 'off' = eager only)")
     p.add_argument("--device", default="cpu", help="device for ours ('cpu', 'cuda'); the reference runs on CPU")
     p.add_argument("--no-reference", action="store_true", help="skip the reference even if .venv-bench exists")
     p.add_argument("--no-ours", action="store_true", help="only the reference (e.g. before our core exists)")
@@ -99,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     ref_py, ours_reason = common.resolve_sides(args)
 
-    rows, results = [], {}
+    rows, results, notes = [], {}, []
     for arch in archs:
         warm, iters = QUICK_ITERS if args.quick else DEFAULT_ITERS.get(arch.name, (2, 10))
         warm = args.warmup if args.warmup is not None else warm
@@ -119,16 +131,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                              ref_stats.p50_ms, ref_stats.p99_ms, ref_stats.cpu_p50_ms, 1.0])
             except common.ReferenceUnavailable as e:
                 print(f"reference: {e}")
-        if not ours_reason:
-            ours = measure_ours(arch, warm, ours_iters, args.device, args.seed)
-            res["ours"] = {k: (v.to_dict() if isinstance(v, common.TimingStats) else v) for k, v in ours.items()}
+        modes = ["off"] + ([args.compile] if args.compile != "off" else [])
+        for mode in modes if not ours_reason else []:
+            ours = measure_ours(arch, warm, ours_iters, args.device, args.seed, compile_mode=mode)
+            res["ours" if mode == "off" else f"ours_compiled_{mode}"] = {
+                k: (v.to_dict() if isinstance(v, common.TimingStats) else v) for k, v in ours.items()}
+            tag = "" if mode == "off" else f", compiled '{mode}'"
             for key, name in (("full", "ours full (act)"), ("streaming", "ours streaming (push_frames+decide)"),
                               ("decide", "ours decide only (cached tokens)")):
                 st: common.TimingStats = ours[key]
-                rows.append([label, name, ours["params"] / 1e6, st.n, st.p50_ms, st.p99_ms, st.cpu_p50_ms,
-                             common.ratio(st.p50_ms, ref_stats.p50_ms if ref_stats else None)])
+                rows.append([label, name.replace(")", f"{tag})", 1) if tag else name, ours["params"] / 1e6, st.n,
+                             st.p50_ms, st.p99_ms, st.cpu_p50_ms, common.ratio(st.p50_ms, ref_stats.p50_ms if ref_stats else None)])
+            if mode != "off":
+                notes.append(f"{arch.name}: warm-up with compile mode '{mode}' (compiles both steps) took {ours['warmup_s']:.1f} s")
             if not ours["streaming_matches_full"]:
-                print(f"WARNING: {arch.name}: streaming bins differ from full recomputation on the same frames")
+                print(f"WARNING: {arch.name}{tag}: streaming bins differ from full recomputation on the same frames")
         results[arch.name] = res
 
     print()
@@ -136,6 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                        rows, digits=2)
     print("\nratio = ours p50 / reference p50 (targets: streaming <= 0.17, full <= 0.33). cpu p50 = process CPU "
           "time per decision (all threads), less sensitive to other load on the machine than wall time.")
+    for note in notes:
+        print(note)
     common.write_json(args.json_out, dict(threads=threads, results=results))
     return 0
 

@@ -28,9 +28,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-from einops import rearrange, repeat
+from einops import rearrange
 from torch import Tensor
 
+from q_transformer_ros.core.decision_steps import DecisionSteps
 from q_transformer_ros.core.model import ModelConfig, QTransformerNet
 from q_transformer_ros.data.contract import RobotContract
 
@@ -104,10 +105,13 @@ class QTransformerPolicy:
         *,
         objective: str = "q_learning",
         use_bf16: bool = True,
+        compile_mode: str = "off",
     ):
         """``text_encoder``: an InstructionEncoder, a TextEncoderConfig (built on first unknown
         instruction) or None (only cached instructions / no instruction). ``use_bf16``: bf16 autocast
-        on CUDA (the CPU path always runs float32)."""
+        on CUDA (the CPU path always runs float32). ``compile_mode``: "off" (eager) or a torch.compile
+        mode for the fixed-shape streaming steps (``decision_steps``; compiled on the first call, i.e.
+        in ``warmup``; "reduce-overhead" replays CUDA graphs on a GPU)."""
         check_model_matches_contract(net.cfg, contract, where="QTransformerPolicy")
         self.contract = contract
         self.cfg: ModelConfig = net.cfg
@@ -115,6 +119,7 @@ class QTransformerPolicy:
         self.net = net.to(self.device).eval()
         self.objective = objective
         self.use_bf16 = use_bf16 and self.device.type == "cuda"
+        self.steps = DecisionSteps(self.net, compile_mode)
         self._text_encoder = text_encoder
         self._embeddings: dict[str, Tensor] = {}
         for text, emb in (instruction_cache or {}).items():
@@ -124,6 +129,7 @@ class QTransformerPolicy:
         self._frames: deque[Tensor] = deque(maxlen=self.cfg.frame_history)
         self.instruction: str | None = None
         self._text: tuple[Tensor | None, Tensor] = self._resolve_text(None)
+        self._step_text: tuple[Tensor, Tensor] = self._as_step_inputs(*self._text)
 
     # -- construction ---------------------------------------------------------------------------------
     @classmethod
@@ -134,6 +140,7 @@ class QTransformerPolicy:
         *,
         loader: Callable[..., dict[str, Any]] = load_checkpoint_file,
         use_bf16: bool = True,
+        compile_mode: str = "off",
     ) -> "QTransformerPolicy":
         """Rebuild contract, network, instruction cache and (lazy) text encoder from a checkpoint."""
         where = str(path)
@@ -164,7 +171,13 @@ class QTransformerPolicy:
                     f"{None if vectors is None else tuple(vectors.shape)}"
                 )
             cache = {t: vectors[i] for i, t in enumerate(texts)}
-        return cls(contract, net, text_encoder, device, cache, objective=str(ckpt.get("objective", "q_learning")), use_bf16=use_bf16)
+        return cls(contract, net, text_encoder, device, cache, objective=str(ckpt.get("objective", "q_learning")), use_bf16=use_bf16,
+                   compile_mode=compile_mode)
+
+    def set_compile_mode(self, mode: str) -> None:
+        """Switch the streaming steps to another compile mode (see ``decision_steps.COMPILE_MODES``); a
+        compiled mode compiles on the next call (``warmup``)."""
+        self.steps = DecisionSteps(self.net, mode)
 
     # -- instructions ---------------------------------------------------------------------------------
     def _check_embedding(self, emb: Tensor, what: str) -> Tensor:
@@ -203,6 +216,13 @@ class QTransformerPolicy:
         emb = self.embed_instruction(instruction).to(self.device)
         return rearrange(emb, "t -> 1 t"), torch.ones(1, dtype=torch.bool, device=self.device)
 
+    def _as_step_inputs(self, text: Tensor | None, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """(text or None, mask) -> (text ``(1, T)``, mask ``(1,)``) for ``DecisionSteps``: "no instruction"
+        becomes zeros with mask False (the same null embedding), so every instruction has one input shape."""
+        if text is None:
+            text = torch.zeros(1, self.cfg.text_dim, device=self.device)
+        return DecisionSteps.step_inputs(text, mask)
+
     # -- input checks ---------------------------------------------------------------------------------
     def _frames_tensor(self, frames: Mapping[str, np.ndarray], with_time: bool) -> Tensor:
         """{camera: uint8 (3, H, W) or (F, 3, H, W)} -> uint8 tensor (C, 3, H, W) or (C, F, 3, H, W)."""
@@ -235,6 +255,7 @@ class QTransformerPolicy:
     def reset(self, instruction: str | None = None) -> None:
         """Start an episode (or switch instruction): clear the frame history and set the instruction."""
         self._text = self._resolve_text(instruction)
+        self._step_text = self._as_step_inputs(*self._text)
         self.instruction = instruction
         self._tokens.clear()
         self._frames.clear()
@@ -248,12 +269,8 @@ class QTransformerPolicy:
     def push_frames(self, frames: Mapping[str, np.ndarray]) -> None:
         """Add one time step: ``{camera: uint8 (3, H, W)}``. Encodes each camera's frame once."""
         images = self._frames_tensor(frames, with_time=False)  # (c, 3, h, w)
-        c = images.shape[0]
-        text, mask = self._text
         with self._amp():
-            tokens = self.net.encode_frames(
-                images, None if text is None else repeat(text, "1 t -> c t", c=c), repeat(mask, "1 -> c", c=c)
-            )
+            tokens = self.steps.encode(images, *self._step_text)
         self._tokens.append(rearrange(tokens.float(), "c k d -> (c k) d"))
         self._frames.append(images)
 
@@ -267,10 +284,12 @@ class QTransformerPolicy:
             raise PolicyInputError("decide() called before push_frames(): no frames since the last reset()")
         start = time.perf_counter()
         tokens = rearrange(torch.stack(self._padded(self._tokens)), "f ck d -> 1 f ck d")
-        text, mask = self._text
         with self._amp():
-            state = self.net.encode_state(tokens, text, mask)
-            bins, q, all_q = self.net.decode(state, beam_width=beam_width)
+            if beam_width == 1:
+                bins, q, all_q = self.steps.decide(tokens, *self._step_text)
+            else:  # beam search: eager (its shapes depend on the width)
+                state = self.net.encode_state(tokens, *self._text)
+                bins, q, all_q = self.net.decode(state, beam_width=beam_width)
         return self._decision(bins, q, all_q, start)
 
     # -- full recomputation ---------------------------------------------------------------------------
@@ -285,8 +304,13 @@ class QTransformerPolicy:
             video = torch.cat([video[:, :1].expand(-1, self.cfg.frame_history - f, -1, -1, -1), video], dim=1)
         text, mask = self._resolve_text(instruction)
         with self._amp():
-            state = self.net.encode(rearrange(video, "c f ch h w -> 1 c f ch h w"), text, mask)
-            bins, q, all_q = self.net.decode(state, beam_width=beam_width)
+            if self.steps.compiled and beam_width == 1:  # the compiled steps, one time step at a time
+                step_text = self._as_step_inputs(text, mask)
+                per_step = [rearrange(self.steps.encode(video[:, i].contiguous(), *step_text).float(), "c k d -> (c k) d") for i in range(video.shape[1])]
+                bins, q, all_q = self.steps.decide(rearrange(torch.stack(per_step), "f ck d -> 1 f ck d"), *step_text)
+            else:
+                state = self.net.encode(rearrange(video, "c f ch h w -> 1 c f ch h w"), text, mask)
+                bins, q, all_q = self.net.decode(state, beam_width=beam_width)
         return self._decision(bins, q, all_q, start)
 
     @torch.inference_mode()

@@ -33,7 +33,7 @@ def make_contract(**overrides) -> RobotContract:
     return RobotContract.from_dict(d)
 
 
-def make_policy(contract: RobotContract | None = None, seed: int = 0, **model_overrides) -> QTransformerPolicy:
+def make_policy(contract: RobotContract | None = None, seed: int = 0, compile_mode: str = "off", **model_overrides) -> QTransformerPolicy:
     contract = contract or make_contract()
     torch.manual_seed(seed)
     net = QTransformerNet(ModelConfig.preset("tiny", contract, text_dim=T, **model_overrides))
@@ -42,7 +42,7 @@ def make_policy(contract: RobotContract | None = None, seed: int = 0, **model_ov
             torch.nn.init.normal_(m.to_gamma_beta.weight, std=0.3)
     g = torch.Generator().manual_seed(seed + 1)
     cache = {t: torch.randn(T, generator=g) for t in ("pick the cube", "open the drawer", "push the button")}
-    return QTransformerPolicy(contract, net, None, "cpu", cache)
+    return QTransformerPolicy(contract, net, None, "cpu", cache, compile_mode=compile_mode)
 
 
 def episode(steps: int, seed: int = 3) -> list[dict[str, np.ndarray]]:
@@ -182,3 +182,67 @@ def test_warmup_leaves_an_empty_history() -> None:
     policy.reset("pick the cube")
     assert policy.warmup() > 0
     assert policy.history_length == 0 and policy.instruction == "pick the cube"
+
+
+# -- compiled decision steps (torch.compile; CPU here, CUDA graphs with "reduce-overhead" on a GPU) ------
+
+def test_compiled_steps_match_eager_and_never_recompile() -> None:
+    """The compiled streaming steps give the eager policy's bins and Q on the same weights and frames,
+    through the padded start of an episode, an instruction change, ``act`` and new weights loaded in
+    place; after the first decision nothing recompiles (the error_on_recompile patch would raise)."""
+    eager, compiled = make_policy(), make_policy(compile_mode="default")  # same seed: same weights
+    assert compiled.steps.compiled and not eager.steps.compiled
+    frames = episode(6)
+    compiled.warmup()  # compiles both steps once
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for instruction, steps in (("pick the cube", frames[:4]), (None, frames[4:]), ("open the drawer", frames[1:3])):
+            for policy in (eager, compiled):
+                policy.reset(instruction)
+            for f in steps:
+                a, b = (p.push_frames(f) or p.decide() for p in (eager, compiled))
+                assert np.array_equal(a.bins, b.bins)
+                np.testing.assert_allclose(b.all_q, a.all_q, atol=1e-5)
+                np.testing.assert_allclose(b.q_values, a.q_values, atol=1e-5)
+        video = window(frames, end=5, history=3)
+        a, b = eager.act(video, "push the button"), compiled.act(video, "push the button")
+        assert np.array_equal(a.bins, b.bins)
+        np.testing.assert_allclose(b.all_q, a.all_q, atol=1e-5)
+        # beam search stays eager on a compiled policy and still agrees
+        a, b = eager.decide(beam_width=3), compiled.decide(beam_width=3)
+        assert np.array_equal(a.bins, b.bins)
+        # weights changed in place (a new checkpoint loaded into the same network) are used, not baked in
+        before = compiled.act(video, "push the button")
+        other = make_policy(seed=5).net.state_dict()
+        for policy in (eager, compiled):
+            policy.net.load_state_dict(other)
+        a, b = eager.act(video, "push the button"), compiled.act(video, "push the button")
+        assert np.array_equal(a.bins, b.bins)
+        np.testing.assert_allclose(b.all_q, a.all_q, atol=1e-5)
+        assert not np.allclose(b.all_q, before.all_q, atol=1e-3)
+
+
+def test_compile_mode_is_checked_and_compiler_failures_name_the_step(monkeypatch) -> None:
+    with pytest.raises(ValueError, match="compile mode 'fast'.*reduce-overhead"):
+        make_policy(compile_mode="fast")
+    import q_transformer_ros.core.decision_steps as steps_module
+
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("C++ compiler not found: g++")
+        return run
+
+    monkeypatch.setattr(steps_module.torch, "compile", broken_compile)
+    policy = make_policy(compile_mode="max-autotune")
+    with pytest.raises(steps_module.StepCompileError, match=r"mode 'max-autotune'\) of the policy's encode step failed on cpu: RuntimeError: C\+\+ compiler not found.*'off'"):
+        policy.push_frames(episode(1)[0])
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
+def test_every_compile_mode_is_accepted_by_torch_compile(mode) -> None:
+    """Each mode's arguments (mode as inductor options + the guard filter) compile and run a small
+    function on this machine (torch.compile rejects a mode given together with options)."""
+    from q_transformer_ros.core.decision_steps import compile_kwargs
+
+    fn = torch.compile(lambda x: torch.nn.functional.gelu(x) * 2 + 1, **compile_kwargs(mode))
+    x = torch.linspace(-2, 2, 7)
+    torch.testing.assert_close(fn(x), torch.nn.functional.gelu(x) * 2 + 1)

@@ -507,6 +507,37 @@ def test_node_loads_checkpoint_parameter(tmp_path) -> None:
         PolicyNode(parameter_overrides=[Parameter("checkpoint", value=str(tmp_path / "missing.pt"))])
 
 
+def test_warmup_runs_on_the_inference_thread_and_compile_mode_is_checked(policies) -> None:
+    """Warm-up (where compiled steps compile and CUDA graphs are recorded, per thread) runs on the
+    thread that later runs every step; a bad ``compile_mode`` fails setup with the choices named."""
+
+    class WarmupRecorder(SpyPolicy):
+        warmup_threads: list[str] = []
+
+        def warmup(self, steps: int = 2) -> float:
+            self.warmup_threads.append(threading.current_thread().name)
+            return self._policy.warmup(steps)
+
+    policy = WarmupRecorder(policies["ee"])
+    node = PolicyNode(policy)
+    try:
+        assert policy.warmup_threads == ["policy_node_inference"]
+        assert node._inference_thread is not None and node._inference_thread.is_alive()
+    finally:
+        node.destroy_node()
+    with pytest.raises(ValueError, match="compile mode 'fast'.*reduce-overhead"):
+        PolicyNode(policies["ee"], parameter_overrides=[Parameter("compile_mode", value="fast")])
+    assert policies["ee"].steps.mode == "off"
+    # "compile_mode:=off" on a command line arrives as the YAML boolean false: accepted as "off"
+    node = PolicyNode(policies["ee"], parameter_overrides=[Parameter("compile_mode", value=False)])
+    try:
+        assert policies["ee"].steps.mode == "off"
+    finally:
+        node.destroy_node()
+    with pytest.raises(ValueError, match="'compile_mode' = 3"):
+        PolicyNode(policies["ee"], parameter_overrides=[Parameter("compile_mode", value=3)])
+
+
 def test_without_built_interfaces_the_node_still_commands(policies, monkeypatch) -> None:
     """The pip path: no q_transformer_ros msg/srv. Commands still flow; no ~/decision, no scoring service."""
     import q_transformer_ros.ros.policy_node as policy_node_module  # noqa: PLC0415

@@ -41,6 +41,8 @@ class ChanRMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = x * torch.rsqrt((x * x).mean(dim=1, keepdim=True) + self.eps)
+        if torch.compiler.is_compiling():  # the compiler fuses the multiply; no dtype probing in its graph
+            return out * self.weight
         # in place when no graph is recorded: saves allocating another full feature map (same values)
         needs_graph = torch.is_grad_enabled() and (out.requires_grad or self.weight.requires_grad)
         if needs_graph or out.dtype != torch.result_type(out, self.weight):  # e.g. bf16 maps, fp32 weight
@@ -142,9 +144,12 @@ class Attention(nn.Module):
     def fused_qkv_weight(self) -> Tensor:
         """``cat(to_q.weight, to_kv.weight)`` for self-attention: one matmul instead of two. Under
         no-grad the concatenation is cached and rebuilt when either weight changes (optimizer step,
-        EMA, load_state_dict bump the tensors' versions); with grad it is rebuilt (autograd splits it)."""
+        EMA, load_state_dict bump the tensors' versions); with grad it is rebuilt (autograd splits it),
+        and under torch.compile too (a concatenation of parameters is one cheap kernel of the graph)."""
         wq, wkv = self.to_q.weight, self.to_kv.weight
-        if torch.is_grad_enabled() and (wq.requires_grad or wkv.requires_grad):
+        # with grad, or inside torch.compile (a Python-side cache keyed on tensor versions would be a
+        # guard that fails on every call): concatenate each time
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (wq.requires_grad or wkv.requires_grad)):
             return torch.cat((wq, wkv), dim=0)
         key = (wq.data_ptr(), wq._version, wkv.data_ptr(), wkv._version, wq.dtype, wq.device)
         cached = getattr(self, "_qkv_cache", None)
