@@ -58,10 +58,8 @@ class DecisionSteps:
     frame tokens in its history."""
 
     def __init__(self, net: QTransformerNet, mode: str = "off"):
-        if mode not in COMPILE_MODES:
-            raise ValueError(f"compile mode {mode!r}: choose one of {', '.join(COMPILE_MODES)}")
         self.net = net
-        self.mode = mode
+        self.mode = check_compile_mode(mode)
         self.compiled = mode != "off"
         self._ready = {"encode": False, "decide": False}
         if self.compiled:
@@ -111,12 +109,19 @@ class DecisionSteps:
         return example.device.type == "cuda" and self.mode in _CUDA_GRAPH_MODES
 
 
+def check_compile_mode(mode: str) -> str:
+    """``mode`` if it is one of ``COMPILE_MODES``, else a ValueError that lists them."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode {mode!r}: choose one of {', '.join(COMPILE_MODES)}")
+    return mode
+
+
 def compile_kwargs(mode: str) -> dict[str, Any]:
     """``torch.compile`` arguments of a step in ``mode``: one whole graph, fixed shapes, and the
     ``input_and_state_guards`` filter. torch.compile takes either a mode or options, so the mode is
     given as its inductor options."""
-    if mode not in COMPILE_MODES or mode == "off":
-        raise ValueError(f"compile mode {mode!r}: choose one of {', '.join(m for m in COMPILE_MODES if m != 'off')}")
+    if check_compile_mode(mode) == "off":
+        raise ValueError("compile mode 'off' runs eagerly: there are no torch.compile arguments for it")
     import torch._inductor  # noqa: PLC0415 - not imported by "import torch"
 
     options: dict[str, Any] = dict(torch._inductor.list_mode_options(mode))

@@ -155,7 +155,7 @@ class _PolicyCore:
             policy = QTransformerPolicy.from_checkpoint(checkpoint, device=p("device"))
         self.policy = policy
         compile_mode = _compile_mode_param(p("compile_mode"))
-        if compile_mode != self._compile_mode():
+        if compile_mode not in ("off", self._compile_mode()):  # a policy passed in compiled stays compiled
             self.policy.set_compile_mode(compile_mode)
         self.contract: RobotContract = policy.contract
         c = self.contract
