@@ -306,7 +306,7 @@ class _PolicyCore:
             name="compile_mode", type=S, dynamic_typing=True,
             description="torch.compile the streaming steps: 'off' (eager; also false), 'default' (also true), "
                         "'reduce-overhead' (CUDA graphs on a GPU), 'max-autotune', 'max-autotune-no-cudagraphs'. "
-                        "Compiles during warm-up (CPU: about 1-2 min for a small model)."))
+                        "Compiles during warm-up (CPU: 0.5-5 min, depending on model size and the inductor cache)."))
 
     def _param(self, name: str) -> Any:
         try:
