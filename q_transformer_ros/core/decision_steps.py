@@ -62,14 +62,13 @@ class DecisionSteps:
         self.mode = check_compile_mode(mode)
         self.compiled = mode != "off"
         self._ready = {"encode": False, "decide": False}
+        self._encode: Callable[..., Any] = lambda images, text, mask: encode_step(net, images, text, mask)
+        self._decide: Callable[..., Any] = lambda tokens, text, mask: decide_step(net, tokens, text, mask)
         if self.compiled:
             _register_einops_types()
             kwargs = compile_kwargs(mode)
-            self._encode = torch.compile(_own_code(lambda images, text, mask: encode_step(net, images, text, mask)), **kwargs)
-            self._decide = torch.compile(_own_code(lambda tokens, text, mask: decide_step(net, tokens, text, mask)), **kwargs)
-        else:
-            self._encode = lambda images, text, mask: encode_step(net, images, text, mask)
-            self._decide = lambda tokens, text, mask: decide_step(net, tokens, text, mask)
+            self._encode = torch.compile(_own_code(self._encode), **kwargs)
+            self._decide = torch.compile(_own_code(self._decide), **kwargs)
 
     def encode(self, images: Tensor, text: Tensor, mask: Tensor) -> Tensor:
         return self._run("encode", self._encode, images, text, mask)

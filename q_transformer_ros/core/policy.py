@@ -128,8 +128,8 @@ class QTransformerPolicy:
         self._tokens: deque[Tensor] = deque(maxlen=self.cfg.frame_history)
         self._frames: deque[Tensor] = deque(maxlen=self.cfg.frame_history)
         self.instruction: str | None = None
-        self._text: tuple[Tensor | None, Tensor] = self._resolve_text(None)
-        self._step_text: tuple[Tensor, Tensor] = self._as_step_inputs(*self._text)
+        self._text: tuple[Tensor, Tensor] = self._as_step_inputs(*self._resolve_text(None))
+        """Current instruction as (text ``(1, T)``, mask ``(1,)``): the form every step takes."""
 
     # -- construction ---------------------------------------------------------------------------------
     @classmethod
@@ -254,8 +254,7 @@ class QTransformerPolicy:
     # -- streaming ------------------------------------------------------------------------------------
     def reset(self, instruction: str | None = None) -> None:
         """Start an episode (or switch instruction): clear the frame history and set the instruction."""
-        self._text = self._resolve_text(instruction)
-        self._step_text = self._as_step_inputs(*self._text)
+        self._text = self._as_step_inputs(*self._resolve_text(instruction))
         self.instruction = instruction
         self._tokens.clear()
         self._frames.clear()
@@ -270,7 +269,7 @@ class QTransformerPolicy:
         """Add one time step: ``{camera: uint8 (3, H, W)}``. Encodes each camera's frame once."""
         images = self._frames_tensor(frames, with_time=False)  # (c, 3, h, w)
         with self._amp():
-            tokens = self.steps.encode(images, *self._step_text)
+            tokens = self.steps.encode(images, *self._text)
         self._tokens.append(rearrange(tokens.float(), "c k d -> (c k) d"))
         self._frames.append(images)
 
@@ -286,7 +285,7 @@ class QTransformerPolicy:
         tokens = rearrange(torch.stack(self._padded(self._tokens)), "f ck d -> 1 f ck d")
         with self._amp():
             if beam_width == 1:
-                bins, q, all_q = self.steps.decide(tokens, *self._step_text)
+                bins, q, all_q = self.steps.decide(tokens, *self._text)
             else:  # beam search: eager (its shapes depend on the width)
                 state = self.net.encode_state(tokens, *self._text)
                 bins, q, all_q = self.net.decode(state, beam_width=beam_width)
