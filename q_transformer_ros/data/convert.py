@@ -2,13 +2,16 @@
 
 Per bag, in a worker process:
 1. open it (any rosbag2 / ROS 1 form) and check every contract topic is there with the right type;
-2. pass 1 reads the small topics (action sources, instruction, success, episode markers) and cuts the
-   bag into episode spans (whole bag, episode topic or time gaps; an instruction change or a success
-   message also ends a span);
-3. builds the step clock per span and the action per step (``sync.py``);
-4. pass 2 streams the camera topics and decodes only frames that some step selects, with the same
-   ``frame_from_msg`` the policy node uses;
-5. drops stale steps (reported with reasons), splits a span where a gap was dropped, labels success.
+2. pass 1 (``_read_small_topics``) reads the small topics (action sources, instruction, success,
+   episode markers) and the step camera's frame times, and ``build_spans`` cuts the bag into episode
+   spans (whole bag, episode topic or time gaps; an instruction change or a success message also ends
+   a span);
+3. ``plan_span`` applies THE pairing rule (``sync.plan_steps``, written down in ``sync.py``): decision
+   moments from the step camera, each step's command from its response window;
+4. pass 2 (``_select_frames``) streams the camera topics and decodes only frames that some step
+   selects, with the same ``frame_from_msg`` the policy node uses;
+5. ``build_episodes`` drops stale steps (every drop counted with its reason), splits a span where a
+   gap was dropped, labels success and makes a labelled outcome terminal; ``summarize`` fills the report.
 The parent writes all episodes of all bags in ONE dataset transaction: a failure anywhere leaves the
 output dataset as it was. Episode ids are ``<bag identity>:<span>:<run>``, so a re-run skips bags
 already converted.
@@ -25,7 +28,7 @@ import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -37,7 +40,7 @@ from q_transformer_ros.data.image import ImageError, frame_from_msg
 from q_transformer_ros.data.labels import Labels, LabelsError, load_labels
 from q_transformer_ros.data.messages import FieldError, group_dims_by_topic, read_field
 from q_transformer_ros.data.sync import (
-    NS, AgeStats, DimStream, LatestFrameSelector, actions_for_steps, step_times, valid_runs,
+    NS, AgeStats, DimStream, LatestFrameSelector, StepPlan, actions_for_steps, plan_steps, valid_runs,
 )
 
 UNLABELED_CHOICES = ("refuse", "failure", "skip")
@@ -141,6 +144,10 @@ class ConvertedEpisode:
     instruction: str | None
     source_id: str
     metadata: dict[str, Any]
+    decision_ns: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    """int64 (k,) each step's decision moment (bag receive time); for the report, not stored."""
+    frame_times_ns: dict[str, np.ndarray] = field(default_factory=dict)
+    """camera -> int64 (k,) receive time of the frame each step uses; for the report, not stored."""
 
 
 @dataclass
@@ -155,9 +162,12 @@ class BagReport:
     successes: int = 0
     steps: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
-    """Reason -> number of steps dropped."""
-    frame_age_p50_s: dict[str, float] = field(default_factory=dict)
-    frame_age_p99_s: dict[str, float] = field(default_factory=dict)
+    """Reason -> number of steps dropped (every step left out of the dataset is counted under a reason)."""
+    notes: dict[str, int] = field(default_factory=dict)
+    """What was kept but is worth knowing (held commands, truncated episodes), with counts."""
+    frame_age_p50_s: dict[str, float | None] = field(default_factory=dict)
+    """Camera -> median age of its frame at the decision moment (None: no step written)."""
+    frame_age_p99_s: dict[str, float | None] = field(default_factory=dict)
     action_min: list[float] = field(default_factory=list)
     action_max: list[float] = field(default_factory=list)
     clipped: dict[str, int] = field(default_factory=dict)
@@ -180,6 +190,7 @@ class Span:
     end_ns: int
     instruction: str | None = None
     success: bool | None = None
+    """Outcome from the success topic: True (a True message ended the span) or False (its last message said False)."""
     ended_by_success: bool = False
 
 
@@ -206,24 +217,47 @@ def _check_topics(bag: BagReader, cfg: ConvertConfig) -> None:
                            f"the bag has: {info.describe_topics()}")
 
 
-def _read_small_topics(bag: BagReader, cfg: ConvertConfig) -> tuple[list[DimStream], list[tuple[int, str]], list[tuple[int, bool]], list[tuple[int, Any]]]:
-    """Pass 1: per-dim value streams, instruction events, success events, episode marker events."""
+class SmallTopics(NamedTuple):
+    """Pass 1's reading of a bag: everything but the camera images."""
+
+    streams: list[DimStream]
+    """Per action dim, its source field's values over time."""
+    command_ns: np.ndarray
+    """Receive times of the messages on the ``absolute`` dims' source topics (the commands), sorted."""
+    step_frames_ns: np.ndarray
+    """Receive times of the step camera's frames (the contract's first camera), sorted; not decoded."""
+    instructions: list[tuple[int, str]]
+    successes: list[tuple[int, bool]]
+    markers: list[tuple[int, Any]]
+    """Episode marker messages (``--episode-split topic:``)."""
+
+
+def _read_small_topics(bag: BagReader, cfg: ConvertConfig) -> SmallTopics:
+    """Pass 1: per-dim value streams, command and step-frame times, instruction, success and marker events."""
     c = cfg.contract
     info = bag.info
     assert info is not None
     groups = group_dims_by_topic(c.action_dims, "source")
+    command_topics = {c.action_dims[i].source.topic for i, d in enumerate(c.action_dims) if d.mode == "absolute"}
+    step_topic = c.cameras[0].topic
     ins_topic = c.instruction.topic if (c.instruction.topic in info.topics and cfg.instruction is None) else None
     suc_topic = c.success.topic if c.success.topic in info.topics else None
     ep_topic = cfg.split.topic if cfg.split.mode == "topic" else None
-    topics = [g.topic for g in groups] + [t for t in (ins_topic, suc_topic, ep_topic) if t]
+    topics = [g.topic for g in groups] + [t for t in (step_topic, ins_topic, suc_topic, ep_topic) if t]
     dim_t: list[list[int]] = [[] for _ in c.action_dims]
     dim_v: list[list[float]] = [[] for _ in c.action_dims]
     first_error: list[str | None] = [None] * len(c.action_dims)
+    command_t: list[int] = []
+    step_t: list[int] = []
     instructions: list[tuple[int, str]] = []
     successes: list[tuple[int, bool]] = []
     markers: list[tuple[int, Any]] = []
     by_topic = {g.topic: g for g in groups}
     for topic, t, raw in bag.messages(list(dict.fromkeys(topics))):
+        if topic == step_topic:
+            step_t.append(t)  # only its time: images are decoded in pass 2, and only those a step selects
+            if topic not in by_topic and topic not in (ins_topic, suc_topic, ep_topic):
+                continue
         msg = bag.deserialize(raw, topic)
         group = by_topic.get(topic)
         if group is not None:
@@ -235,6 +269,8 @@ def _read_small_topics(bag: BagReader, cfg: ConvertConfig) -> tuple[list[DimStre
                     continue
                 dim_t[i].append(t)
                 dim_v[i].append(v)
+            if topic in command_topics:
+                command_t.append(t)
         if topic == ins_topic:
             instructions.append((t, str(msg.data)))
         if topic == suc_topic:
@@ -250,7 +286,8 @@ def _read_small_topics(bag: BagReader, cfg: ConvertConfig) -> tuple[list[DimStre
         times = np.asarray(dim_t[i], dtype=np.int64)
         order = np.argsort(times, kind="stable")
         streams.append(DimStream(times[order], np.asarray(dim_v[i], dtype=np.float64)[order]))
-    return streams, instructions, successes, markers
+    return SmallTopics(streams, np.sort(np.asarray(command_t, dtype=np.int64)), np.sort(np.asarray(step_t, dtype=np.int64)),
+                       instructions, successes, markers)
 
 
 def _base_spans(info: BagInfo, streams: list[DimStream], markers: list[tuple[int, Any]], split: EpisodeSplit,
@@ -319,33 +356,199 @@ def build_spans(info: BagInfo, streams: list[DimStream], instructions: list[tupl
         for a, b, text in pieces:
             text = text if text is not None else fallback
             if text is None and not cfg.contract.instruction.allow_none:
-                dropped["before first instruction"] += int((b - a) / NS / period)
+                dropped["before the first instruction (no instruction topic message, --instruction or fixed_text)"] += int((b - a) / NS / period)
                 continue
-            span = Span(a, b, instruction=text)
-            for t, ok in successes:
-                if a <= t <= b:
-                    if ok:
-                        dropped["after success"] += int((b - t) / NS / period)
-                        span.end_ns, span.success, span.ended_by_success = t, True, True
-                        break
-                    span.success = False
-            spans.append(span)
+            spans.append(_apply_outcome(Span(a, b, instruction=text), successes, period, dropped))
     return spans
 
 
-def _label(span: Span, index: int, path: Path, cfg: ConvertConfig) -> bool | None:
+def _apply_outcome(span: Span, successes: list[tuple[int, bool]], period_s: float, dropped: Counter) -> Span:
+    """Success-topic messages inside the span: the first True ends it (success); otherwise, when the last
+    message says False, the episode ends there as a failure (a robot that reports False every step,
+    as the sim does, ends on its last report)."""
+    last_false = None
+    for t, ok in successes:
+        if span.start_ns <= t <= span.end_ns:
+            if ok:
+                dropped["after the success message"] += int((span.end_ns - t) / NS / period_s)
+                span.end_ns, span.success, span.ended_by_success = t, True, True
+                return span
+            span.success, last_false = False, t
+    if last_false is not None:
+        dropped["after the failure message"] += int((span.end_ns - last_false) / NS / period_s)
+        span.end_ns = last_false
+    return span
+
+
+class Label(NamedTuple):
+    """An episode's success label and whether it is a verdict (terminal) or a default (truncated)."""
+
+    success: bool | None
+    """None: unlabeled."""
+    verdict: bool
+    """True when a labels file, --success/--failure or the success topic says so: the episode ends there
+    (a terminal transition). False for --unlabeled failure: a cut, which bootstraps (truncation)."""
+
+
+def _label(span: Span, index: int, path: Path, cfg: ConvertConfig) -> Label:
     """Labels file > --success/--failure > success topic > --unlabeled failure; None = unlabeled."""
     if cfg.labels is not None:
         lab = cfg.labels.lookup(path, index)
         if lab is not None:
-            return lab
+            return Label(lab, True)
     if cfg.success is not None:
-        return cfg.success
+        return Label(cfg.success, True)
     if span.success is not None:
-        return span.success
+        return Label(span.success, True)
     if cfg.unlabeled == "failure":
-        return False
-    return None
+        return Label(False, False)
+    return Label(None, False)
+
+
+class SpanSteps(NamedTuple):
+    """A span's steps before validity checks: the plan, plus why a whole span yields nothing."""
+
+    plan: StepPlan | None
+    """None when the span yields no steps (``skipped`` says why)."""
+    skipped: str = ""
+
+
+def _empty_plan() -> StepPlan:
+    z = np.zeros(0, np.int64)
+    return StepPlan(z, z, z, 0, np.zeros(0, bool), 0)
+
+
+def plan_span(span: Span, label: Label, small: SmallTopics, cfg: ConvertConfig, dropped: Counter) -> StepPlan:
+    """The pairing rule applied to one span (``sync.plan_steps``), with every left-out step counted."""
+    c = cfg.contract
+    period_ns = int(round(c.control_period_s * NS))
+    n_nominal = int((span.end_ns - span.start_ns) // period_ns)
+    if label.success is None:  # --unlabeled skip
+        dropped["unlabeled episode (--unlabeled skip)"] += n_nominal
+        return _empty_plan()
+    f = small.step_frames_ns
+    frames = f[(f >= span.start_ns) & (f <= span.end_ns)]
+    if len(frames) == 0:
+        dropped[f"no frame from the step camera '{c.cameras[0].name}' in the episode"] += n_nominal
+        return _empty_plan()
+    plan = plan_steps(frames, small.command_ns, period_ns, span.end_ns, max_gap_ns=int(cfg.frame_age_limit_s * NS))
+    if plan.cut:
+        end = "the success message" if span.ended_by_success else "the end of the episode"
+        dropped[f"final observation: no command answered it before {end}"] += plan.cut
+    return plan
+
+
+def build_episodes(spans: list[Span], labels: list[Label], plans: list[StepPlan], small: SmallTopics,
+                   frames: dict[str, np.ndarray], frame_t: dict[str, np.ndarray], path: Path, identity: str,
+                   cfg: ConvertConfig, dropped: Counter, notes: Counter) -> list[ConvertedEpisode]:
+    """Validity per step (stale or missing frames, missing commands), runs of valid steps -> episodes.
+
+    Only the last run of a span carries its label; a verdict makes its last step terminal (the failing
+    or succeeding action kept, no bootstrap). Runs before a gap are cuts: truncated, not successful.
+    """
+    c = cfg.contract
+    period_ns = int(round(c.control_period_s * NS))
+    limit_ns = int(cfg.frame_age_limit_s * NS)
+    episodes: list[ConvertedEpisode] = []
+    offset = 0
+    for si, (span, label, plan) in enumerate(zip(spans, labels, plans)):
+        starts = plan.decision_ns
+        k = len(starts)
+        sl = slice(offset, offset + k)
+        offset += k
+        if k == 0:
+            continue
+        valid = np.ones(k, dtype=bool)
+        reasons = np.full(k, "", dtype=object)
+        for cam in c.cameras:
+            ft = frame_t[cam.name][sl]
+            none = ft < 0
+            stale = ~none & (starts - ft > limit_ns)
+            reasons[none & valid] = f"no frame yet from camera '{cam.name}'"
+            valid &= ~none
+            reasons[stale & valid] = f"stale frame from camera '{cam.name}' (> {cfg.frame_age_limit_s:g} s)"
+            valid &= ~stale
+        actions = np.zeros((k, c.num_action_dims), dtype=np.float64)
+        for i, (d, stream) in enumerate(zip(c.action_dims, small.streams)):
+            sa = actions_for_steps(stream, plan, d.mode, period_ns)
+            actions[:, i] = sa.values
+            reasons[~sa.valid & valid] = f"no command yet for '{d.name}' on {d.source.topic}"
+            valid &= sa.valid
+            if cfg.max_action_age_s is not None:
+                stale = sa.age_ns > int(cfg.max_action_age_s * NS)
+                reasons[stale & valid] = f"stale command for '{d.name}' on {d.source.topic} (> {cfg.max_action_age_s:g} s)"
+                valid &= ~stale
+            n_held = int((sa.held & valid).sum())
+            if n_held:
+                notes[f"no new command for '{d.name}' in the step's response window (previous one held)"] += n_held
+        for r in reasons[~valid]:
+            dropped[r] += 1
+        runs = _split_at(valid_runs(valid), plan.breaks)
+        n_breaks = int(plan.breaks.sum())
+        if n_breaks:
+            notes[f"step camera '{c.cameras[0].name}' silent for > {cfg.frame_age_limit_s:g} s: episode cut there"] += n_breaks
+        for ri, (a, b) in enumerate(runs):
+            if b - a < cfg.min_steps:
+                dropped[f"episode shorter than --min-steps {cfg.min_steps}"] += b - a
+                continue
+            last = ri == len(runs) - 1
+            success = bool(label.success) if last else False
+            terminal = last and label.verdict
+            if not terminal:
+                notes["truncated episodes (their last step is an observation without a training sample)"] += 1
+            idx = np.arange(sl.start + a, sl.start + b)
+            episodes.append(ConvertedEpisode(
+                frames={name: frames[name][idx] for name in frames}, actions=actions[a:b].astype(np.float32),
+                success=success, terminal=terminal, instruction=span.instruction,
+                source_id=f"{identity}:{si}:{ri}",
+                decision_ns=starts[a:b].copy(),
+                frame_times_ns={cam.name: frame_t[cam.name][idx] for cam in c.cameras},
+                metadata={"bag": str(path), "bag_name": bag_name(path), "episode_index": si, "run": ri,
+                          "start_ns": int(starts[a]), "end_ns": int(plan.window_end_ns[b - 1]),
+                          "control_rate_hz": c.control_rate_hz, "response_latency_s": plan.latency_ns / NS},
+            ))
+    return episodes
+
+
+def _split_at(runs: list[tuple[int, int]], breaks: np.ndarray) -> list[tuple[int, int]]:
+    """Split runs ``[a, b)`` after every step i with ``breaks[i]``."""
+    out = []
+    for a, b in runs:
+        for i in range(a, b - 1):
+            if breaks[i]:
+                out.append((a, i + 1))
+                a = i + 1
+        out.append((a, b))
+    return out
+
+
+def summarize(report: BagReport, episodes: list[ConvertedEpisode], contract: RobotContract,
+              dropped: Counter, notes: Counter) -> None:
+    """Fill the bag's report from its episodes: counts, drops with reasons, frame ages, action ranges."""
+    report.episodes = len(episodes)
+    report.successes = sum(e.success for e in episodes)
+    report.steps = sum(len(e.actions) for e in episodes)
+    report.dropped = {k: int(v) for k, v in dropped.items() if v}
+    report.notes = {k: int(v) for k, v in notes.items() if v}
+    for cam in contract.cameras:
+        ages = AgeStats()
+        for e in episodes:
+            ages.add(e.decision_ns - e.frame_times_ns[cam.name])
+        report.frame_age_p50_s[cam.name] = ages.percentile(50)
+        report.frame_age_p99_s[cam.name] = ages.percentile(99)
+    report.instructions = sorted({e.instruction for e in episodes if e.instruction is not None})
+    if episodes:
+        acts = np.concatenate([e.actions for e in episodes])
+        report.action_min = acts.min(axis=0).tolist()
+        report.action_max = acts.max(axis=0).tolist()
+        for i, d in enumerate(contract.action_dims):
+            n = int(((acts[:, i] < d.low) | (acts[:, i] > d.high)).sum())
+            if n:
+                report.clipped[d.name] = n
+    else:
+        report.status = "no episodes"
+        report.error = report.error or ("; ".join(f"{n} step(s): {r}" for r, n in sorted(report.dropped.items()))
+                                        or "no steps in the bag")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,7 +560,6 @@ def convert_bag(path: str | Path, cfg: ConvertConfig) -> BagResult:
     path = Path(path)
     report = BagReport(bag=str(path))
     c = cfg.contract
-    period_ns = int(round(c.control_period_s * NS))
     with BagReader(path) as bag:
         info = bag.info
         assert info is not None
@@ -366,117 +568,23 @@ def convert_bag(path: str | Path, cfg: ConvertConfig) -> BagResult:
             report.status = "already in dataset"
             return BagResult(report, [])
         _check_topics(bag, cfg)
-        streams, instructions, successes, markers = _read_small_topics(bag, cfg)
+        small = _read_small_topics(bag, cfg)
         dropped: Counter = Counter()
-        spans = build_spans(info, streams, instructions, successes, markers, cfg, dropped)
+        notes: Counter = Counter()
+        spans = build_spans(info, small.streams, small.instructions, small.successes, small.markers, cfg, dropped)
         labels = [_label(s, i, path, cfg) for i, s in enumerate(spans)]
-        if cfg.unlabeled == "refuse" and any(lab is None for lab in labels):
-            missing = [i for i, lab in enumerate(labels) if lab is None]
+        if cfg.unlabeled == "refuse" and any(lab.success is None for lab in labels):
+            missing = [i for i, lab in enumerate(labels) if lab.success is None]
             src = f"no message on {c.success.topic}" if c.success.topic else "the contract has no success topic"
             raise BagError(
                 f"{path}: episode(s) {missing} have no success label ({src}, not in the labels file, no "
                 f"--success/--failure); pass --labels, --success/--failure or --unlabeled failure|skip"
             )
-
-        span_steps: list[tuple[np.ndarray, np.ndarray]] = []
-        for span, lab in zip(spans, labels):
-            if lab is None:  # --unlabeled skip
-                n = int((span.end_ns - span.start_ns) / period_ns)
-                dropped["unlabeled (skipped)"] += n
-                span_steps.append((np.zeros(0, np.int64), np.zeros(0, np.int64)))
-                continue
-            # the episode starts once every camera and every command has data inside the span
-            firsts = [bag.first_time(cam.topic, span.start_ns) for cam in c.cameras]
-            for st in streams:
-                i = int(np.searchsorted(st.times_ns, span.start_ns, side="left"))
-                firsts.append(int(st.times_ns[i]) if i < len(st.times_ns) else None)
-            if any(t is None or t > span.end_ns for t in firsts):
-                dropped["a camera or command topic has no message in the episode"] += int((span.end_ns - span.start_ns) // period_ns)
-                span_steps.append((np.zeros(0, np.int64), np.zeros(0, np.int64)))
-                continue
-            t0 = max([span.start_ns] + firsts)
-            if t0 > span.start_ns:
-                dropped["before all topics started"] += int((t0 - span.start_ns) // period_ns)
-            starts = step_times(t0, span.end_ns, period_ns, include_partial=span.ended_by_success)
-            ends = np.minimum(starts + period_ns, span.end_ns)
-            span_steps.append((starts, ends))
-
-        all_starts = np.concatenate([s for s, _ in span_steps]) if span_steps else np.zeros(0, np.int64)
-        frames, frame_t = _select_frames(bag, cfg, all_starts)
-
-    # actions and validity per span -> episodes
-    episodes: list[ConvertedEpisode] = []
-    ages = {cam.name: AgeStats() for cam in c.cameras}
-    all_actions = []
-    limit_ns = int(cfg.frame_age_limit_s * NS)
-    offset = 0
-    for si, (span, lab, (starts, ends)) in enumerate(zip(spans, labels, span_steps)):
-        k = len(starts)
-        sl = slice(offset, offset + k)
-        offset += k
-        if k == 0:
-            continue
-        valid = np.ones(k, dtype=bool)
-        reasons = np.full(k, "", dtype=object)
-        for cam in c.cameras:
-            ft = frame_t[cam.name][sl]
-            age = starts - ft
-            none = ft < 0
-            stale = ~none & (age > limit_ns)
-            reasons[none & valid] = f"no frame yet from camera '{cam.name}'"
-            valid &= ~none
-            reasons[stale & valid] = f"stale frame from camera '{cam.name}' (> {cfg.frame_age_limit_s:g} s)"
-            valid &= ~stale
-        actions = np.zeros((k, c.num_action_dims), dtype=np.float64)
-        for i, (d, stream) in enumerate(zip(c.action_dims, streams)):
-            sa = actions_for_steps(stream, starts, ends, d.mode)
-            actions[:, i] = sa.values
-            reasons[~sa.valid & valid] = f"no command for '{d.name}' on {d.source.topic}"
-            valid &= sa.valid
-            if cfg.max_action_age_s is not None:
-                stale = sa.age_ns > int(cfg.max_action_age_s * NS)
-                reasons[stale & valid] = f"stale command for '{d.name}' on {d.source.topic} (> {cfg.max_action_age_s:g} s)"
-                valid &= ~stale
-        for r in reasons[~valid]:
-            dropped[r] += 1
-        runs = valid_runs(valid)
-        for ri, (a, b) in enumerate(runs):
-            if b - a < cfg.min_steps:
-                dropped[f"episode shorter than {cfg.min_steps} steps"] += b - a
-                continue
-            last = ri == len(runs) - 1
-            success = bool(lab) if last else False
-            idx = np.arange(offset - k + a, offset - k + b)
-            ep_frames = {name: frames[name][idx] for name in frames}
-            for cam in c.cameras:
-                ages[cam.name].add(starts[a:b] - frame_t[cam.name][idx])
-            acts = actions[a:b].astype(np.float32)
-            all_actions.append(acts)
-            episodes.append(ConvertedEpisode(
-                frames=ep_frames, actions=acts, success=success, terminal=None if last else False,
-                instruction=span.instruction, source_id=f"{report.identity}:{si}:{ri}",
-                metadata={"bag": str(path), "bag_name": bag_name(path), "episode_index": si, "run": ri,
-                          "start_ns": int(starts[a]), "end_ns": int(ends[b - 1]),
-                          "control_rate_hz": c.control_rate_hz},
-            ))
-
-    report.episodes = len(episodes)
-    report.successes = sum(e.success for e in episodes)
-    report.steps = sum(len(e.actions) for e in episodes)
-    report.dropped = {k: int(v) for k, v in dropped.items() if v}
-    report.frame_age_p50_s = {n: a.percentile(50) for n, a in ages.items()}
-    report.frame_age_p99_s = {n: a.percentile(99) for n, a in ages.items()}
-    report.instructions = sorted({e.instruction for e in episodes if e.instruction is not None})
-    if all_actions:
-        acts = np.concatenate(all_actions)
-        report.action_min = acts.min(axis=0).tolist()
-        report.action_max = acts.max(axis=0).tolist()
-        for i, d in enumerate(c.action_dims):
-            n = int(((acts[:, i] < d.low) | (acts[:, i] > d.high)).sum())
-            if n:
-                report.clipped[d.name] = n
-    if not episodes:
-        report.status = "no episodes"
+        plans = [plan_span(span, lab, small, cfg, dropped) for span, lab in zip(spans, labels)]
+        all_decisions = np.concatenate([p.decision_ns for p in plans]) if plans else np.zeros(0, np.int64)
+        frames, frame_t = _select_frames(bag, cfg, all_decisions)
+    episodes = build_episodes(spans, labels, plans, small, frames, frame_t, path, report.identity, cfg, dropped, notes)
+    summarize(report, episodes, c, dropped, notes)
     return BagResult(report, episodes)
 
 
@@ -592,14 +700,18 @@ def _results(jobs: list[tuple[str, ConvertConfig, bool]], workers: int) -> Itera
 # report and CLI
 # ---------------------------------------------------------------------------------------------
 
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def format_report(reports: Sequence[BagReport], contract: RobotContract) -> str:
-    """The final per-bag table plus warnings (drops, clipping, errors)."""
+    """The final per-bag table plus every loss with its reason, notes, clipping and errors."""
     lines = []
     header = f"{'bag':<32} {'status':<18} {'eps':>4} {'succ':>4} {'steps':>6} {'dropped':>7}  frame age p50/p99 (s)"
     lines.append(header)
     lines.append("-" * len(header))
     for r in reports:
-        ages = " ".join(f"{n}={r.frame_age_p50_s.get(n, float('nan')):.3f}/{r.frame_age_p99_s.get(n, float('nan')):.3f}"
+        ages = " ".join(f"{n}={_seconds(r.frame_age_p50_s.get(n))}/{_seconds(r.frame_age_p99_s.get(n))}"
                         for n in r.frame_age_p50_s)
         name = Path(r.bag).name[-32:]
         lines.append(f"{name:<32} {r.status:<18} {r.episodes:>4} {r.successes:>4} {r.steps:>6} "
@@ -610,9 +722,11 @@ def format_report(reports: Sequence[BagReport], contract: RobotContract) -> str:
     for r in reports:
         name = Path(r.bag).name
         if r.error:
-            lines.append(f"ERROR {name}: {r.error}")
+            lines.append(f"{'ERROR' if r.status == 'error' else 'NO EPISODES'} {name}: {r.error}")
         for reason, n in sorted(r.dropped.items()):
             lines.append(f"  {name}: dropped {n} step(s): {reason}")
+        for note, n in sorted(r.notes.items()):
+            lines.append(f"  {name}: note: {n} x {note}")
         if r.action_min:
             for i, d in enumerate(contract.action_dims):
                 lo, hi = r.action_min[i], r.action_max[i]
@@ -627,6 +741,20 @@ def format_report(reports: Sequence[BagReport], contract: RobotContract) -> str:
             flag = "  CLIPPED" if mins[i] < d.low or maxs[i] > d.high else ""
             lines.append(f"  {d.name:<16} seen [{mins[i]:>9.4g}, {maxs[i]:>9.4g}]  contract [{d.low:>9.4g}, {d.high:>9.4g}]{flag}")
     return "\n".join(lines)
+
+
+def report_json(reports: Sequence[BagReport]) -> str:
+    """The reports as strict JSON (no NaN or Infinity: a missing statistic is null)."""
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return value
+
+    return json.dumps([clean(asdict(r)) for r in reports], indent=2, allow_nan=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -699,7 +827,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     print(format_report(reports, contract))
     if args.report_json is not None:
-        args.report_json.write_text(json.dumps([asdict(r) for r in reports], indent=2))
+        tmp = args.report_json.with_name(f".{args.report_json.name}.tmp")
+        tmp.write_text(report_json(reports))
+        tmp.replace(args.report_json)
     return 0 if not any(r.status == "error" for r in reports) else 1
 
 

@@ -1,47 +1,185 @@
-"""Step clock and synchronisation: which frame and which action belong to each control step.
+"""The one pairing rule: which observation and which command make up each control step.
 
-Rules (the node acts the same way live, so training data matches deployment):
-- Steps tick at the contract's control rate from the episode start: ``t_k = t0 + k / rate``.
-- Each camera contributes its latest frame at or before ``t_k`` (never a future frame). Its age
-  ``t_k - t_frame`` over ``max_frame_age_s`` makes the step stale: it is dropped and reported,
-  never filled in.
-- The action of step k is what the robot was commanded over ``[t_k, e_k]`` with ``e_k = t_{k+1}``
-  (clipped to the episode end): ``absolute`` = the source field's latest value at or before ``e_k``
-  (the command in force at the end of the step); ``delta`` = value at ``e_k`` minus value at ``t_k``.
+Bag and live steps follow the same rule, seen from the two sides of a closed loop (the converter reads
+it here; the policy node keeps it by acting this way, with ``DecisionClock``):
 
-Times are bag receive times in nanoseconds (header stamps may come from other clocks).
-Axis legend: k steps, n messages.
+1. **Decision moments.** The contract's *step camera* (its first camera) paces the loop: each of its
+   frames is a decision moment ``D_k``, thinned to the control rate by ``DecisionClock`` when the
+   camera runs faster: with ``n = round(P / P_cam)`` camera frames per control period ``P`` (``P_cam``
+   the camera's measured period), a frame counts when at least ``P - P/(2n)`` has passed since the
+   previous decision frame: every frame of a camera at the control rate (even with +-40 % jitter
+   between two frames), every third of a 30 Hz camera at 10 Hz.
+2. **Observation of step k** = the step camera's frame at ``D_k`` plus every other camera's newest
+   frame at or before ``D_k`` (never a later one). Its age over ``max_frame_age_s`` makes the step stale.
+3. **Action of step k** = the command issued in response to that observation. A closed loop answers a
+   frame after a response latency ``L`` (inference, a human's reaction), so the command of step k
+   arrives around ``D_k + L``, possibly after the next frame when ``L`` is long, or before the frame's
+   own receive time when timing jitters. ``L`` is estimated per episode as the circular mean of the
+   command times' phase after their decision frames (robust to per-message jitter); the response
+   window of step k is then ``(D_k + L - P/2, D_{k+1} + L - P/2]``: a period wide, centred on the
+   expected answer. ``absolute`` dims take the command in force at the window's end (the last one in
+   the window; when none arrived in it, the previous command still holds). ``delta`` dims take the
+   change of the source field between the step's observation and the next one,
+   ``value(D_{k+1}) - value(D_k)``: the node adds the decided delta to the latest value it has at ``D_k``.
+4. **Commands faster than the control rate** (a teleoperator's joystick at 50 Hz: more than 1.5
+   commands per step): no response latency can be read from them, so ``L = P/2`` and the window is
+   ``(D_k, D_{k+1}]``: the last command before the next observation counts, i.e. the command in force
+   when the next frame shows its effect (earlier ones in the window were overridden before it).
+5. **Episode end.** A decision is a step only if its answer is in the episode: some command arrived
+   after its response window opened and before the episode's end (the success message, a marker, the
+   end of the bag). The frame that shows the outcome, answered by nothing, is the final observation,
+   not a step. Contracts with only ``delta`` dims need the next observation inside the episode.
+
+Exactness: with the step camera at the control rate this recovers the pairing for any latency from 1 %
+to 90 % of the period and per-message jitter up to +-20 % (the combined jitter of a frame and its
+command stays under half a period). Times are bag receive times in nanoseconds (header stamps may come
+from other clocks). Axis legend: k steps, n messages.
 """
 
 from __future__ import annotations
 
+import math
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 
 NS = 1_000_000_000
-
-
-def step_times(t0_ns: int, end_ns: int, period_ns: int, include_partial: bool = False) -> np.ndarray:
-    """Step start times ``t_k = t0 + k * period`` (int64 ns) for steps that fit in ``[t0, end]``.
-
-    A step fits when it ends by ``end`` (1 ms tolerance for jitter); with ``include_partial`` also the
-    step in progress at ``end`` (an episode ended by a success message counts the step it happened in).
-    """
-    if end_ns < t0_ns or period_ns <= 0:
-        return np.zeros(0, dtype=np.int64)
-    tol = 1_000_000
-    n_full = (end_ns + tol - t0_ns) // period_ns
-    n = int(n_full)
-    if include_partial and t0_ns + n * period_ns < end_ns:
-        n += 1
-    return t0_ns + np.arange(n, dtype=np.int64) * period_ns
+COMMANDS_PER_STEP_TELEOP = 1.5
+"""More commands than this per control step: a stream faster than the control rate (teleoperation)."""
+CLOCK_INTERVALS = 16
+"""Step-camera intervals the DecisionClock keeps to measure the camera's period (median)."""
 
 
 def latest_at_or_before(times_ns: np.ndarray, query_ns: np.ndarray) -> np.ndarray:
     """Index of the last ``times`` entry ``<= query`` for each query (-1 where there is none)."""
     return np.searchsorted(times_ns, query_ns, side="right").astype(np.int64) - 1
+
+
+class DecisionClock:
+    """Which frames of the step camera are decision moments (rule 1); live in the node, offline in the converter.
+
+    Fed the step camera's frame times in order; ``offer`` says whether a frame is a decision moment.
+    The camera period is the median of the last ``CLOCK_INTERVALS`` intervals, rounded to a whole
+    number of frames per step, so a camera at the control rate decides on every frame even with
+    jittered intervals, and a faster one is thinned to the frames closest to one period apart.
+    """
+
+    def __init__(self, period_ns: int) -> None:
+        if period_ns <= 0:
+            raise ValueError(f"control period must be > 0 ns, got {period_ns}")
+        self.period_ns = int(period_ns)
+        self._intervals: deque[int] = deque(maxlen=CLOCK_INTERVALS)
+        self._previous_frame_ns: int | None = None
+        self._last_decision_ns: int | None = None
+
+    def reset(self) -> None:
+        """Forget the last decision (a new episode, or resuming after a stop); keep the camera period."""
+        self._last_decision_ns = None
+
+    @property
+    def camera_period_ns(self) -> int:
+        """Measured period of the step camera (the control period until two frames were seen)."""
+        return int(np.median(self._intervals)) if self._intervals else self.period_ns
+
+    def offer(self, frame_ns: int) -> bool:
+        """A step-camera frame arrived at ``frame_ns``: is it a decision moment?"""
+        frame_ns = int(frame_ns)
+        if self._previous_frame_ns is not None and frame_ns > self._previous_frame_ns:
+            self._intervals.append(frame_ns - self._previous_frame_ns)
+        self._previous_frame_ns = frame_ns
+        frames_per_step = max(1, round(self.period_ns / max(self.camera_period_ns, 1)))
+        threshold = self.period_ns - self.period_ns // (2 * frames_per_step)
+        if self._last_decision_ns is None or frame_ns - self._last_decision_ns >= threshold:
+            self._last_decision_ns = frame_ns
+            return True
+        return False
+
+
+def decision_moments(step_frames_ns: np.ndarray, period_ns: int) -> np.ndarray:
+    """The decision moments (rule 1) among a run of step-camera frame times."""
+    clock = DecisionClock(period_ns)
+    frames = np.asarray(step_frames_ns, dtype=np.int64)
+    return frames[np.array([clock.offer(t) for t in frames], dtype=bool)] if len(frames) else frames
+
+
+def command_events(commands_ns: np.ndarray, period_ns: int) -> np.ndarray:
+    """One time per command: messages within a quarter period of the previous kept one (an arm twist
+    and a gripper command published back to back) are one command."""
+    c = np.sort(np.asarray(commands_ns, dtype=np.int64))
+    keep = np.zeros(len(c), dtype=bool)
+    last = None
+    for i, t in enumerate(c):
+        if last is None or t - last >= period_ns // 4:
+            keep[i], last = True, t
+    return c[keep]
+
+
+def response_latency_ns(decisions_ns: np.ndarray, commands_ns: np.ndarray, period_ns: int) -> int:
+    """The typical delay from a decision frame to the command answering it (rules 3 and 4), in [0, P).
+
+    Circular mean of each command's phase after its newest decision frame, modulo the period: a command
+    that jitters past the next frame (long latency) or before its own frame (short latency) still
+    lands near the right phase. Commands faster than the control rate, or none at all, give ``P/2``.
+    """
+    d = np.asarray(decisions_ns, dtype=np.int64)
+    c = np.asarray(commands_ns, dtype=np.int64)
+    if len(d) == 0 or len(c) == 0:
+        return period_ns // 2
+    c = command_events(c, period_ns)
+    inside = c[(c > d[0]) & (c <= d[-1] + period_ns)]
+    if len(inside) == 0 or len(inside) > COMMANDS_PER_STEP_TELEOP * len(d):
+        return period_ns // 2
+    newest = d[latest_at_or_before(d, inside)]
+    phase = 2 * np.pi * ((inside - newest) % period_ns) / period_ns
+    mean = math.atan2(float(np.sin(phase).mean()), float(np.cos(phase).mean()))
+    return int(round((mean % (2 * np.pi)) / (2 * np.pi) * period_ns)) % period_ns
+
+
+class StepPlan(NamedTuple):
+    """The steps of one episode span under the pairing rule (arrays of length k, int64 ns)."""
+
+    decision_ns: np.ndarray
+    """D_k: observation moments (step-camera frame times)."""
+    window_end_ns: np.ndarray
+    """End of each step's response window: ``absolute`` dims take the command in force here."""
+    next_decision_ns: np.ndarray
+    """D_{k+1} (the nominal ``D_k + P`` for the last step): ``delta`` dims end here."""
+    latency_ns: int
+    """The response latency L used for this span."""
+    breaks: np.ndarray
+    """bool (k,) the step camera fell silent for longer than the frame-age limit after step k: the
+    episode is cut there (the model never saw such a gap)."""
+    cut: int
+    """Decision moments left out at the end (rule 5): their answer is not in the recording."""
+
+
+def plan_steps(step_frames_ns: np.ndarray, commands_ns: np.ndarray, period_ns: int, end_ns: int,
+               max_gap_ns: int | None = None) -> StepPlan:
+    """Apply the pairing rule to one episode span.
+
+    ``step_frames_ns``: the step camera's frame times inside the span; ``commands_ns``: times of the
+    command messages of the ``absolute`` dims (all source topics merged; empty when every dim is
+    ``delta``); ``end_ns``: the span's end; ``max_gap_ns``: a longer silence of the step camera
+    between two decisions cuts the episode (the step before it ends one period after its decision).
+    """
+    d = decision_moments(step_frames_ns, period_ns)
+    commands = np.asarray(commands_ns, dtype=np.int64)
+    commands = commands[commands <= end_ns]
+    latency = response_latency_ns(d, commands, period_ns)
+    nxt = np.append(d[1:], d[-1] + period_ns) if len(d) else d
+    breaks = np.zeros(len(d), dtype=bool)
+    if max_gap_ns is not None and len(d):
+        breaks[:-1] = np.diff(d) > max_gap_ns
+        nxt = np.where(breaks, d + period_ns, nxt)
+    window_end = nxt + latency - period_ns // 2
+    if len(commands_ns):
+        keep = d + latency - period_ns // 2 < (commands[-1] if len(commands) else np.iinfo(np.int64).min)
+    else:
+        keep = nxt <= end_ns
+    n = int(np.count_nonzero(np.cumprod(keep)))  # steps stop at the first one without an answer
+    return StepPlan(d[:n], window_end[:n], nxt[:n], latency, breaks[:n], len(d) - n)
 
 
 @dataclass
@@ -56,33 +194,41 @@ class DimStream:
 
 @dataclass
 class StepActions:
-    """Actions of one dim for a run of steps."""
+    """Actions of one dim for the steps of a plan."""
 
     values: np.ndarray
     """float64 (k,); NaN where no command is known."""
     valid: np.ndarray
     """bool (k,)"""
     age_ns: np.ndarray
-    """int64 (k,) age of the command used at the step end (absolute) or at the step start (delta)."""
+    """int64 (k,) age of the command used at the window end (absolute) or of the value at D_k (delta)."""
+    held: np.ndarray
+    """bool (k,) absolute dims: no new command arrived in the step's response window (the previous one held)."""
 
 
-def actions_for_steps(stream: DimStream, starts_ns: np.ndarray, ends_ns: np.ndarray, mode: str) -> StepActions:
-    """The commanded value of one dim over each step ``[start, end]`` (see module docstring)."""
+def actions_for_steps(stream: DimStream, plan: StepPlan, mode: str, period_ns: int) -> StepActions:
+    """One dim's action for every step of ``plan`` (rule 3; see the module docstring)."""
     if mode not in ("absolute", "delta"):
         raise ValueError(f"action mode must be 'absolute' or 'delta', got {mode!r}")
+    k = len(plan.decision_ns)
     if len(stream.times_ns) == 0:
-        k = len(starts_ns)
-        return StepActions(np.full(k, np.nan), np.zeros(k, bool), np.full(k, -1, np.int64))
-    at_end = latest_at_or_before(stream.times_ns, ends_ns)
-    ok = at_end >= 0
-    end_idx = np.clip(at_end, 0, None)
-    values = np.where(ok, stream.values[end_idx], np.nan)
-    age = np.where(ok, ends_ns - stream.times_ns[end_idx], -1).astype(np.int64)
-    if mode == "delta":
-        at_start = latest_at_or_before(stream.times_ns, starts_ns)
-        ok &= at_start >= 0
-        values = np.where(ok, values - stream.values[np.clip(at_start, 0, None)], np.nan)
-    return StepActions(values.astype(np.float64), ok, age)
+        return StepActions(np.full(k, np.nan), np.zeros(k, bool), np.full(k, -1, np.int64), np.zeros(k, bool))
+    if mode == "absolute":
+        at = latest_at_or_before(stream.times_ns, plan.window_end_ns)
+        ok = at >= 0
+        idx = np.clip(at, 0, None)
+        values = np.where(ok, stream.values[idx], np.nan)
+        age = np.where(ok, plan.window_end_ns - stream.times_ns[idx], -1).astype(np.int64)
+        window_start = plan.decision_ns + plan.latency_ns - period_ns // 2
+        held = ok & (stream.times_ns[idx] <= window_start)
+        return StepActions(values.astype(np.float64), ok, age, held)
+    at_obs = latest_at_or_before(stream.times_ns, plan.decision_ns)
+    at_next = latest_at_or_before(stream.times_ns, plan.next_decision_ns)
+    ok = (at_obs >= 0) & (at_next >= 0)
+    i0, i1 = np.clip(at_obs, 0, None), np.clip(at_next, 0, None)
+    values = np.where(ok, stream.values[i1] - stream.values[i0], np.nan)
+    age = np.where(at_obs >= 0, plan.decision_ns - stream.times_ns[i0], -1).astype(np.int64)
+    return StepActions(values.astype(np.float64), ok, age, np.zeros(k, bool))
 
 
 class LatestFrameSelector:
@@ -133,5 +279,6 @@ class AgeStats:
     def add(self, ages_ns: np.ndarray) -> None:
         self.ages_s.extend((np.asarray(ages_ns, dtype=np.float64) / NS).tolist())
 
-    def percentile(self, q: float) -> float:
-        return float(np.percentile(self.ages_s, q)) if self.ages_s else float("nan")
+    def percentile(self, q: float) -> float | None:
+        """The q-th percentile in seconds; None without data (JSON has no NaN)."""
+        return float(np.percentile(self.ages_s, q)) if self.ages_s else None

@@ -110,17 +110,34 @@ def make_contract(**overrides: Any):
 
 
 @dataclass
+class TrueStep:
+    """One control step as the generator's controller lived it: what it saw and what it sent."""
+
+    decision_ns: int
+    """Receive time of the step camera frame it decided on."""
+    frames: dict[str, tuple[int, np.ndarray, str]]
+    """camera topic -> (t_ns, source array, encoding) of the newest frame it had."""
+    action: np.ndarray
+    """float64 (dims,) in contract order: the command it sent (absolute) / the joint's change (delta)."""
+
+
+@dataclass
 class BagScript:
-    """Messages to write, plus the plain values they carry (for computing expectations)."""
+    """Messages to write, plus the plain values they carry and the true steps (for expectations)."""
 
     msgs: list[tuple[str, str, int, Any]] = field(default_factory=list)
     frames: dict[str, list[tuple[int, np.ndarray, str]]] = field(default_factory=dict)
     """topic -> [(t_ns, source array as decoded, encoding)]"""
     values: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     """action dim name -> [(t_ns, value)]"""
+    steps: list[TrueStep] = field(default_factory=list)
+    """The controller's steps in time order (the ground truth a converter must recover)."""
 
     def add(self, topic: str, msgtype: str, t_ns: int, msg: Any) -> None:
         self.msgs.append((topic, msgtype, int(t_ns), msg))
+
+    def steps_between(self, start_ns: int, end_ns: int) -> list[TrueStep]:
+        return [s for s in self.steps if start_ns <= s.decision_ns < end_ns]
 
     def write(self, path: Path, storage: str = "mcap", compression: str | None = None,
               custom: dict[str, str] | None = None) -> Path:
@@ -134,57 +151,126 @@ class BagScript:
         return path
 
 
-def make_episode(seed: int = 0, t0: float = 1.0, duration: float = 2.0, instruction: str | None = "pick the cube",
-                 success: bool | None = True, front_hz: float = 20.0, wrist_hz: float = 8.0, cmd_hz: float = 10.0,
-                 front_encoding: str = "bgr8", wrist_format: str = "png", camera_gap: tuple[float, float] | None = None,
-                 script: BagScript | None = None) -> BagScript:
-    """A scripted episode: two cameras at different rates, commands, joint states, instruction, success.
+def _newest(events: list[tuple[int, Any]], t: int) -> Any:
+    best = None
+    for te, v in events:
+        if te <= t:
+            best = v
+    return best
 
-    front: 24x32 raw Image; wrist: 20x20 PNG (lossless) or JPEG. Commands at ``cmd_hz`` with values
-    drawn from a seeded RNG; the elbow joint moves so that its delta per step is known.
-    ``camera_gap`` (start, end) in seconds from t0: the front camera sends nothing then.
+
+def make_episode(seed: int = 0, t0: float = 1.0, duration: float = 2.0, instruction: str | None = "pick the cube",
+                 success: bool | None = True, latency: float = 0.3, jitter: float = 0.1, front_hz: float | None = None,
+                 front_jitter: float | None = None, wrist_hz: float = 8.0, teleop_hz: float | None = None,
+                 front_encoding: str = "bgr8", wrist_format: str = "png", camera_gap: tuple[float, float] | None = None,
+                 max_gap_s: float = 0.3, script: BagScript | None = None) -> BagScript:
+    """An episode recorded the way a closed loop records it (contract: ``TEST_CONTRACT``, 10 Hz).
+
+    The front camera (the step camera) sends a frame each control period (or at ``front_hz``; the
+    controller then decides on every frame a period apart), each with timing jitter of +-``jitter``
+    periods (``front_jitter`` for a faster camera); the controller answers each decision frame after
+    ``latency`` periods, +-``jitter`` periods of its own, with a TwistStamped (vx, vy) and, 0.4 ms later,
+    the gripper (Float64MultiArray): so a command may land after the next frame, or its frame may be
+    late. The wrist camera (CompressedImage) runs free at ``wrist_hz``, joint states at 50 Hz (the elbow
+    is a delta dim: its true action is the joint's change between two decisions). With ``teleop_hz``
+    an operator sends commands at that rate instead, unrelated to frames; the step's action is then the
+    last command before the next decision frame (the documented rule for fast command streams).
+    ``success`` True/False: after the last step a final frame shows the outcome and the success topic
+    says it 0.5 ms later (followed by one more command, as a controller that has not heard yet would
+    send); None: nothing. ``camera_gap`` (start, end) in seconds from t0: the front camera is silent
+    (no decisions, no commands). Each true step records the frames the controller had and what it sent.
     """
     rng = np.random.default_rng(seed)
     s = script or BagScript()
+    period = NS // 10
     start = int(t0 * NS)
     end = start + int(duration * NS)
+    front, wrist = "/front/image_raw", "/wrist/image/compressed"
     if instruction is not None:
         s.add("/instruction", "std_msgs/msg/String", start, string_msg(instruction))
-    t = start + int(0.013 * NS)
-    while t <= end:
-        if camera_gap is None or not (start + camera_gap[0] * NS <= t < start + camera_gap[1] * NS):
-            arr = rng.integers(0, 256, size=(24, 32, 3), dtype=np.uint8)
-            s.add("/front/image_raw", "sensor_msgs/msg/Image", t, image_msg(arr, front_encoding, t))
-            s.frames.setdefault("/front/image_raw", []).append((t, arr, front_encoding))
-        t += int(NS / front_hz)
-    t = start + int(0.021 * NS)
-    while t <= end:
+
+    def add_front(t: int) -> None:
+        arr = rng.integers(0, 256, size=(24, 32, 3), dtype=np.uint8)
+        s.add(front, "sensor_msgs/msg/Image", t, image_msg(arr, front_encoding, t))
+        s.frames.setdefault(front, []).append((t, arr, front_encoding))
+
+    # wrist camera: free running, from just after the start
+    t = start + int(0.001 * NS)
+    while t <= end + period:
         arr = rng.integers(0, 256, size=(20, 20, 3), dtype=np.uint8)
         msg = compressed_msg(arr, wrist_format, t)
         if wrist_format == "jpeg":  # lossy: the expectation is what a decoder makes of it
             arr = np.asarray(PILImage.open(io.BytesIO(bytes(msg.data))).convert("RGB"))
-        s.add("/wrist/image/compressed", "sensor_msgs/msg/CompressedImage", t, msg)
-        s.frames.setdefault("/wrist/image/compressed", []).append((t, arr, "rgb8"))
+        s.add(wrist, "sensor_msgs/msg/CompressedImage", t, msg)
+        s.frames.setdefault(wrist, []).append((t, arr, "rgb8"))
         t += int(NS / wrist_hz)
-    t = start + int(0.005 * NS)
-    elbow = 0.0
-    while t <= end:
-        vx, vy, g = (float(v) for v in rng.uniform(-0.9, 0.9, size=3))
-        g = abs(g)
-        s.add("/cmd", "geometry_msgs/msg/TwistStamped", t, twist_msg(vx, vy, t))
-        s.add("/gripper", "std_msgs/msg/Float64MultiArray", t, f64_msg([g]))
-        s.values.setdefault("vx", []).append((t, vx))
-        s.values.setdefault("vy", []).append((t, vy))
-        s.values.setdefault("grip", []).append((t, g))
-        t += int(NS / cmd_hz)
+    # joint states at 50 Hz: the elbow walks
+    elbow, joints = 0.0, []
     t = start + int(0.002 * NS)
-    while t <= end:
+    while t <= end + 2 * period:
         elbow += float(rng.uniform(-0.01, 0.01))
-        # joint order varies between messages: the converter must look the joint up by name
         names, pos = (["shoulder", "elbow"], [0.5, elbow]) if rng.random() < 0.5 else (["elbow", "shoulder"], [elbow, 0.5])
         s.add("/joint_states", "sensor_msgs/msg/JointState", t, joint_state_msg(names, pos, t))
         s.values.setdefault("elbow", []).append((t, elbow))
+        joints.append((t, elbow))
         t += int(NS / 50)
+
+    def send(t: int) -> tuple[float, float, float]:
+        vx, vy, g = (float(v) for v in rng.uniform(-0.9, 0.9, size=3))
+        g = abs(g)
+        s.add("/cmd", "geometry_msgs/msg/TwistStamped", t, twist_msg(vx, vy, t))
+        s.add("/gripper", "std_msgs/msg/Float64MultiArray", t + 400_000, f64_msg([g]))
+        s.values.setdefault("vx", []).append((t, vx))
+        s.values.setdefault("vy", []).append((t, vy))
+        s.values.setdefault("grip", []).append((t + 400_000, g))
+        return vx, vy, g
+
+    # the step camera and the controller
+    in_gap = (lambda t: camera_gap is not None and start + camera_gap[0] * NS <= t < start + camera_gap[1] * NS)
+    cam_period = period if front_hz is None else int(NS / front_hz)
+    cam_jitter = jitter if front_hz is None else (front_jitter if front_jitter is not None else 0.0)
+    decisions: list[int] = []
+    sent: list[tuple[float, float, float]] = []
+    tick, last_decision, last_frame = start + int(0.03 * NS), None, start
+    while tick + period <= end:
+        t = max(last_frame + 1_000_000, tick + int(rng.uniform(-cam_jitter, cam_jitter) * period))
+        tick += cam_period
+        if in_gap(t):
+            continue
+        add_front(t)
+        last_frame = t
+        if last_decision is not None and t - last_decision < period - cam_period // 2:
+            continue  # a faster camera: the controller decides on frames a period apart
+        last_decision = t
+        decisions.append(t)
+        if teleop_hz is None:
+            answer = t + max(1_000_000, int((latency + rng.uniform(-jitter, jitter)) * period))
+            sent.append(send(answer))
+    final = None
     if success is not None:
-        s.add("/success", "std_msgs/msg/Bool", end, bool_msg(success))
+        # the frame that shows the outcome comes after the last command took effect
+        last_command = max((t for t, _ in s.values.get("grip", [])), default=0)
+        final = max(last_frame + 1_000_000, tick, last_command + 1_000_000)
+        add_front(final)
+        s.add("/success", "std_msgs/msg/Bool", final + 500_000, bool_msg(success))
+        if teleop_hz is None:
+            send(final + max(1_000_000, int(latency * period)))
+    if teleop_hz is not None:  # operator commands, unrelated to frames
+        teleop, t = [], start + int(0.003 * NS)
+        stop = (final if final is not None else end)
+        while t <= stop:
+            teleop.append((t, send(t)))
+            t += int(NS / teleop_hz)
+    for k, d in enumerate(decisions):
+        nxt = decisions[k + 1] if k + 1 < len(decisions) else (final if final is not None else d + period)
+        if nxt - d > max_gap_s * NS:
+            nxt = d + period
+        if teleop_hz is None:
+            vx, vy, g = sent[k]
+        else:  # the last operator command before the next decision frame (the gripper goes 0.4 ms later)
+            vx, vy, _ = _newest(teleop, nxt)
+            g = _newest([(t + 400_000, v[2]) for t, v in teleop], nxt)
+        action = np.array([vx, vy, g, _newest(joints, nxt) - _newest(joints, d)])
+        frames = {topic: _newest([(e[0], e) for e in s.frames[topic]], d) for topic in (front, wrist)}
+        s.steps.append(TrueStep(d, frames, action))
     return s

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -26,52 +27,30 @@ def run(bags: list[Path], out: Path, contract_file: Path, *extra: str) -> int:
     return main([*map(str, bags), "--out", str(out), "--contract", str(contract_file), "--no-progress", *extra])
 
 
-def latest(events: list[tuple[int, object]], t: int):
-    """Value of the last event at or before t (the test's own implementation of the rule)."""
-    best = None
-    for te, v in events:
-        if te <= t:
-            best = v
-    assert best is not None, f"no event at or before {t}"
-    return best
-
-
-def expected_episode(script: BagScript, start_ns: int, end_ns: int, by_success: bool = True):
-    """Steps, frames and actions the converter must produce for the span [start, end]."""
+def expected_episode(script: BagScript, start_ns: int, end_ns: int):
+    """Frames and actions the converter must store for the span [start, end): the generator's true steps."""
     c = make_contract()
-    firsts = [ev[0][0] for ev in script.frames.values()] + [v[0][0] for v in script.values.values()]
-    t0 = max([start_ns] + firsts)
-    period = int(NS / c.control_rate_hz)
-    steps = []
-    t = t0
-    while (t < end_ns) if by_success else (t + period <= end_ns):
-        steps.append(t)
-        t += period
-    frames = {}
-    for cam in c.cameras:
-        evs = [(te, (arr, enc)) for te, arr, enc in script.frames[cam.topic]]
-        frames[cam.name] = np.stack([preprocess_frame(*latest(evs, s), cam) for s in steps])
-    actions = np.zeros((len(steps), c.num_action_dims), np.float32)
-    for k, s in enumerate(steps):
-        e = min(s + period, end_ns)
-        for i, d in enumerate(c.action_dims):
-            evs = script.values[d.name]
-            actions[k, i] = latest(evs, e) - latest(evs, s) if d.mode == "delta" else latest(evs, e)
-    return np.array(steps), frames, actions
+    steps = script.steps_between(start_ns, end_ns)
+    frames = {cam.name: np.stack([preprocess_frame(*st.frames[cam.topic][1:], cam) for st in steps]) for cam in c.cameras}
+    actions = np.stack([st.action for st in steps]).astype(np.float32)
+    return steps, frames, actions
 
 
 def check_episode(ds: ReplayDataset, index: int, script: BagScript, start_ns: int, end_ns: int,
-                  success: bool, instruction: str | None, by_success: bool = True) -> None:
-    steps, frames, actions = expected_episode(script, start_ns, end_ns, by_success)
+                  success: bool, instruction: str | None, terminal: bool | None = None) -> None:
+    """Step by step: every stored frame and action is the one the controller saw and sent."""
+    steps, frames, actions = expected_episode(script, start_ns, end_ns)
     ep = ds.episode(index)
     assert len(ep.actions) == len(steps)
     for name, want in frames.items():
-        np.testing.assert_array_equal(np.asarray(ep.frames[name]), want, err_msg=f"camera {name}")
+        for k in range(len(steps)):
+            np.testing.assert_array_equal(np.asarray(ep.frames[name][k]), want[k], err_msg=f"camera {name} step {k}")
     np.testing.assert_allclose(np.asarray(ep.actions), actions, rtol=0, atol=1e-6)
     want_rewards = np.zeros(len(steps), np.float32)
     want_rewards[-1] = float(success)
     np.testing.assert_array_equal(np.asarray(ep.rewards), want_rewards)
     assert ep.success is success
+    assert ep.terminal is (True if terminal is None else terminal)  # a label is a verdict unless said otherwise
     assert ep.instruction == instruction
 
 
@@ -93,9 +72,8 @@ def test_single_file_jpeg_rgb8_and_flags(tmp_path, contract_file) -> None:
     shutil.copy(next(bag_dir.glob("*.mcap")), single)  # a lone .mcap without metadata.yaml
     assert run([single], tmp_path / "ds", contract_file, "--failure", "--instruction", "open the drawer") == 0
     ds = ReplayDataset(tmp_path / "ds")
-    # no success message: the episode runs to the last message (3.0 s), whole steps only
     check_episode(ds, 0, script, int(1.0 * NS), int(3.0 * NS), success=False, instruction="open the drawer",
-                  by_success=False)
+                  terminal=True)  # --failure is a verdict: the failing last step is kept, no bootstrap
 
 
 def _merge_split(parts: list[Path], dest: Path) -> Path:
@@ -149,40 +127,41 @@ def test_instruction_change_and_gap_split_episodes(tmp_path, contract_file) -> N
     assert run([bag], tmp_path / "ds", contract_file, "--episode-split", "gap:1.0") == 0
     ds = ReplayDataset(tmp_path / "ds")
     assert ds.num_episodes == 2
-    first = BagScript(frames={k: [e for e in v if e[0] < 4 * NS] for k, v in script.frames.items()},
-                      values={k: [e for e in v if e[0] < 4 * NS] for k, v in script.values.items()})
-    second = BagScript(frames={k: [e for e in v if e[0] >= 4 * NS] for k, v in script.frames.items()},
-                       values={k: [e for e in v if e[0] >= 4 * NS] for k, v in script.values.items()})
-    check_episode(ds, 0, first, int(1.0 * NS), int(3.0 * NS), success=True, instruction="pick the cube")
-    # a False success message labels the episode a failure; it runs until the False message at 6.5 s
-    # (the message does not end the span, the gap split and the bag end do)
-    check_episode(ds, 1, second, int(5.0 * NS), int(6.5 * NS), success=False, instruction="open the drawer",
-                  by_success=False)
+    check_episode(ds, 0, script, int(1.0 * NS), int(3.0 * NS), success=True, instruction="pick the cube")
+    second = script
+    # the episode ends on its False success message: a terminal failure
+    check_episode(ds, 1, second, int(5.0 * NS), int(6.6 * NS), success=False, instruction="open the drawer")
     assert ds.instructions == ["pick the cube", "open the drawer"]
 
 
-def test_stale_camera_drops_steps_and_splits(tmp_path, contract_file, capsys) -> None:
+def test_silent_step_camera_cuts_the_episode(tmp_path, contract_file, capsys) -> None:
     script = make_episode(seed=6, duration=3.0, camera_gap=(1.0, 1.8))
     bag = script.write(tmp_path / "stale")
     assert run([bag], tmp_path / "ds", contract_file) == 0
     out = capsys.readouterr().out
-    assert "stale frame from camera 'front'" in out
+    assert "step camera 'front' silent for > 0.3 s: episode cut there" in out
     ds = ReplayDataset(tmp_path / "ds")
     assert ds.num_episodes == 2
     first, second = ds.episode(0), ds.episode(1)
     assert not first.success and not first.terminal and first.rewards.sum() == 0  # cut short: truncated
+    gap = int(2.0 * NS)
+    check_episode(ds, 0, script, int(1.0 * NS), gap, success=False, instruction="pick the cube", terminal=False)
+    check_episode(ds, 1, script, gap, int(4.0 * NS), success=True, instruction="pick the cube")
     assert second.success and second.rewards[-1] == 1.0
-    # no step whose front frame is older than the 0.3 s limit survived
-    for ep in (first, second):
-        for s in range(len(ep.actions)):
-            t = ep.metadata["start_ns"] + s * NS // 10
-            age = t - max(te for te, _, _ in script.frames["/front/image_raw"] if te <= t)
-            assert age <= 0.3 * NS
-    total = len(first.actions) + len(second.actions)
-    steps_without_gap = 30  # 3 s at 10 Hz, the last partial step included
-    dropped = steps_without_gap - total
-    assert 4 <= dropped <= 6  # 0.8 s gap minus the 0.3 s tolerance -> ~5 stale steps
-    assert f"dropped {dropped} step(s)" in out
+
+
+def test_stale_second_camera_drops_steps_with_reason(tmp_path, contract_file, capsys) -> None:
+    script = make_episode(seed=16, duration=3.0, wrist_hz=2.0)  # the wrist frame is up to 0.5 s old
+    bag = script.write(tmp_path / "slow_wrist")
+    assert run([bag], tmp_path / "ds", contract_file, "--report-json", str(tmp_path / "r.json")) == 0
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "r.json").read_text())[0]
+    stale = [st for st in script.steps if st.decision_ns - st.frames["/wrist/image/compressed"][0] > 0.3 * NS]
+    assert stale
+    assert report["dropped"]["stale frame from camera 'wrist' (> 0.3 s)"] == len(stale)
+    assert f"dropped {len(stale)} step(s): stale frame from camera 'wrist'" in out
+    ds = ReplayDataset(tmp_path / "ds")
+    assert sum(len(ds.episode(i).actions) for i in range(ds.num_episodes)) == len(script.steps) - len(stale)
 
 
 def test_rerun_skips_converted_bags_and_appends_new(tmp_path, contract_file) -> None:
@@ -269,3 +248,75 @@ def _to_ros1(msg, store):
             v = [_to_ros1(x, store) for x in v]
         kwargs[f.name] = v
     return cls(**kwargs)
+
+
+@pytest.mark.parametrize("latency", [0.01, 0.3, 0.6, 0.9])
+@pytest.mark.parametrize("jitter", [0.0, 0.2])
+def test_pairing_across_latency_and_jitter(tmp_path, contract_file, latency, jitter) -> None:
+    """Frames, then the command answering each one `latency` periods later, each message +-`jitter`
+    periods: every stored (frame, action) pair is what the controller saw and sent."""
+    script = make_episode(seed=int(latency * 100 + jitter * 10), duration=4.0, latency=latency, jitter=jitter,
+                          wrist_hz=30.0)
+    bag = script.write(tmp_path / "loop")
+    assert run([bag], tmp_path / "ds", contract_file) == 0
+    ds = ReplayDataset(tmp_path / "ds")
+    assert ds.num_episodes == 1
+    check_episode(ds, 0, script, int(1.0 * NS), int(5.0 * NS), success=True, instruction="pick the cube")
+    assert abs(ds.episode(0).metadata["response_latency_s"] - latency * 0.1) < 0.012
+
+
+def test_pairing_with_a_faster_step_camera(tmp_path, contract_file) -> None:
+    """A 30 Hz step camera at a 10 Hz control rate: the controller decided on every third frame."""
+    script = make_episode(seed=41, duration=4.0, front_hz=30.0, front_jitter=0.02, latency=0.5, jitter=0.2)
+    assert len(script.frames["/front/image_raw"]) > 2.5 * len(script.steps)
+    bag = script.write(tmp_path / "fast_cam", storage="sqlite3")
+    assert run([bag], tmp_path / "ds", contract_file) == 0
+    check_episode(ReplayDataset(tmp_path / "ds"), 0, script, int(1.0 * NS), int(5.0 * NS), success=True,
+                  instruction="pick the cube")
+
+
+@pytest.mark.parametrize("teleop_hz", [50.0, 20.0])
+def test_teleoperation_faster_than_the_control_rate(tmp_path, contract_file, teleop_hz) -> None:
+    """A joystick at 50 Hz: each step takes the last command before the next observation."""
+    script = make_episode(seed=42, duration=3.0, teleop_hz=teleop_hz, jitter=0.1)
+    bag = script.write(tmp_path / "teleop")
+    assert run([bag], tmp_path / "ds", contract_file) == 0
+    ds = ReplayDataset(tmp_path / "ds")
+    check_episode(ds, 0, script, int(1.0 * NS), int(4.0 * NS), success=True, instruction="pick the cube")
+    assert ds.episode(0).metadata["response_latency_s"] == pytest.approx(0.05)
+
+
+def test_failures_are_terminal_and_cuts_are_truncated(tmp_path, contract_file, capsys) -> None:
+    failed = make_episode(seed=43, success=False, duration=1.5).write(tmp_path / "failed")
+    unlabeled = make_episode(seed=44, success=None, duration=1.5).write(tmp_path / "unlabeled")
+    labelled = make_episode(seed=45, success=None, duration=1.5).write(tmp_path / "labelled")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("bag,success\nlabelled,no\n")
+    assert run([failed, unlabeled, labelled], tmp_path / "ds", contract_file, "--labels", str(labels),
+               "--unlabeled", "failure") == 0
+    ds = ReplayDataset(tmp_path / "ds")
+    by_bag = {ds.episode(i).metadata["bag_name"]: ds.episode(i) for i in range(ds.num_episodes)}
+    for name in ("failed", "labelled"):  # a verdict: the failing last step is a terminal transition
+        ep = by_bag[name]
+        assert not ep.success and ep.terminal and ep.rewards.sum() == 0
+    assert not by_bag["unlabeled"].terminal  # no verdict (--unlabeled failure): a cut, bootstrapped
+    # the failing last step is a training sample (terminal), the cut's last step is not
+    assert len(ds) == sum(len(e.actions) for e in by_bag.values()) - 1
+    out = capsys.readouterr().out
+    assert "unlabeled: note: 1 x truncated episodes" in out
+
+
+def test_report_names_bags_without_episodes_and_json_is_strict(tmp_path, contract_file, capsys) -> None:
+    good = make_episode(seed=46, duration=1.0).write(tmp_path / "good")
+    script = make_episode(seed=47, duration=1.0, instruction=None)  # no instruction anywhere: nothing to keep
+    empty = script.write(tmp_path / "no_instruction")
+    report = tmp_path / "report.json"
+    assert run([good, empty], tmp_path / "ds", contract_file, "--report-json", str(report)) == 0
+    out = capsys.readouterr().out
+    data = json.loads(report.read_text(), parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    bad = next(r for r in data if r["bag"].endswith("no_instruction"))
+    assert bad["status"] == "no episodes" and bad["episodes"] == 0
+    assert bad["frame_age_p50_s"]["wrist"] is None
+    assert "before the first instruction" in bad["error"]
+    assert "NO EPISODES no_instruction:" in out
+    assert sum(bad["dropped"].values()) >= len(script.steps)
