@@ -4,22 +4,32 @@ Everything it needs comes from one checkpoint: the robot contract inside it name
 instruction topic, the control rate, the action dims with their ranges and the topics/fields they are
 commanded on. Parameters (``config/policy.yaml``) only override topics and rates.
 
-Threading, and why: the model runs on a dedicated inference thread, woken by a timer at the control
-rate; executor callbacks only store inputs (images replace the newest frame per camera: latest wins,
-old frames are dropped, nothing queues behind the model). ``main`` spins a SingleThreadedExecutor.
-Measured on the 2-core VM with a tiny model at 10 Hz (test harness, 6 s windows): with the step in a
-timer callback on rclpy's MultiThreadedExecutor, the executor's own Python loop took ~36 % of a core
-and, whenever its pool fell behind, re-yielded pending tasks in a hot loop holding the GIL that every
-torch op gives up and must take back, so a 20 ms decision took 1-4 s and the node stopped for
-staleness; with the inference thread and a single-threaded executor the executor took ~23 % and the
-slowest frame encode 25 ms. At each tick the newest frame of every camera is pushed into the policy
-once, so the frame history advances exactly one frame per camera per control step, as in the
-converted training data. A tick that finds the previous step still running is counted in
-``overruns``; the next step then starts as soon as the running one ends (ticks never queue up). The
+Decision moments, and why: a step is a frame of the step camera (the contract's first camera),
+thinned to the control rate by ``data.sync.DecisionClock``: the same rule by which the converter
+pairs each recorded frame with the command that answers it, seen from the acting side. The
+observation of a step is that frame plus every other camera's newest frame at that moment (captured
+in the step camera's callback); the command is published when the decision is done. A timer at the
+control rate is only a watchdog: it stops the robot when inputs go stale (or a camera falls silent)
+and never commands.
+
+Threading, and why: the model runs on a dedicated inference thread, woken by the step camera's
+decision frames; executor callbacks only store inputs (images replace the newest frame per camera:
+latest wins, old frames are dropped, nothing queues behind the model). ``main`` spins a
+SingleThreadedExecutor. Measured on the 2-core VM with a tiny model at 10 Hz (test harness, 6 s
+windows): with the step in a timer callback on rclpy's MultiThreadedExecutor, the executor's own
+Python loop took ~36 % of a core and, whenever its pool fell behind, re-yielded pending tasks in a hot
+loop holding the GIL that every torch op gives up and must take back, so a 20 ms decision took 1-4 s
+and the node stopped for staleness; with the inference thread and a single-threaded executor the
+executor took ~23 % and the slowest frame encode 25 ms. Each decision pushes the newest frame of every
+camera into the policy once, so the frame history advances one frame per camera per control step, as
+in the converted training data. A decision frame that arrives while the previous step still runs is
+counted in ``overruns``; its step starts as soon as the running one ends (steps never queue up). The
 scoring service runs the same model under the same lock, so the control loop pauses while it scores.
 
-Safety: a command is published only from fresh frames (every camera younger than ``max_frame_age_s``)
-and, unless the contract allows none, an instruction. Otherwise, and on a NaN or an exception in
+Safety: a command is published only from fresh frames (every camera younger than ``max_frame_age_s``,
+checked before the decision and again at publish time) and finite values (the decided action plus the
+delta dims' bases, which must be finite and fresh too) and, unless the contract allows none, an
+instruction. Otherwise, and on a NaN or an exception in
 inference, or when disabled through ``~/enable``, the contract's stop behaviour is published once
 (``zero``: one all-zero command on every output; ``hold``: nothing) and nothing more until inputs
 are good again; the history is cleared then, because the model was never trained across a gap.
@@ -55,6 +65,7 @@ from std_srvs.srv import SetBool
 from q_transformer_ros.data.contract import CameraSpec, RobotContract
 from q_transformer_ros.data.image import frame_from_msg
 from q_transformer_ros.data.messages import read_field
+from q_transformer_ros.data.sync import DecisionClock
 from q_transformer_ros.ros.conversions import OutputGroup, build_command, group_outputs, message_class
 from q_transformer_ros.ros.qos import COMMAND_QOS, DIAGNOSTIC_QOS, INSTRUCTION_QOS, SENSOR_QOS
 from q_transformer_ros.ros.runner import spin_node
@@ -192,6 +203,14 @@ class _PolicyCore:
         self._instruction_error: str | None = None
         self._embed_lock = threading.Lock()
         self._sources: dict[int, _SourceValue] = {}
+        # The pairing rule, live side (data/sync.py): the step camera's frames are the decision moments,
+        # thinned to the control rate by the same DecisionClock the converter applies to bags; the other
+        # cameras contribute their newest frame at that moment (captured in the step camera's callback).
+        self._step_camera = c.cameras[0].name
+        self._decision_clock = DecisionClock(int(round(1e9 / self.control_rate_hz)))
+        self._decision_frames: dict[str, _Frame] | None = None
+        self._decision_sources: dict[int, _SourceValue] = {}
+        self._decision_pending = False
         self._enabled = bool(enabled)
         self._active = bool(active)
 
@@ -319,6 +338,7 @@ class _PolicyCore:
     # ------------------------------------------------------------------------------------------
     def _make_image_callback(self, cam: CameraSpec, topic: str) -> Callable[[Any], None]:
         where = f"camera '{cam.name}' on {topic}"
+        is_step_camera = cam.name == self.contract.cameras[0].name
 
         def on_image(msg: Any) -> None:
             now_ns = self.get_clock().now().nanoseconds
@@ -346,6 +366,12 @@ class _PolicyCore:
                 current = self._frames.get(cam.name)
                 if current is None or stamp_ns >= current.stamp_ns:  # reentrant group: never go back in time
                     self._frames[cam.name] = _Frame(image=image, stamp_ns=stamp_ns, received_ns=now_ns)
+                decide = is_step_camera and self._decision_clock.offer(now_ns)
+                if decide:  # the observation of this decision moment, and the delta dims' bases at it
+                    self._decision_frames = dict(self._frames)
+                    self._decision_sources = dict(self._sources)
+            if decide:
+                self._request_step(decision=True)
 
         return on_image
 
@@ -408,14 +434,18 @@ class _PolicyCore:
     def _fallback_instruction(self) -> str | None:
         return self.contract.instruction.fixed_text
 
-    def _snapshot(self) -> tuple[dict[str, _Frame], str | None, bool, bool, dict[int, _SourceValue]]:
+    def _snapshot(self, decision: bool = False) -> tuple[dict[str, _Frame], str | None, bool, bool, dict[int, _SourceValue]]:
+        """Inputs of a step: for a decision, the frames captured at its decision moment; else the newest."""
         with self._lock:
+            at_decision = decision and self._decision_frames is not None
+            frames = self._decision_frames if at_decision else self._frames
+            sources = self._decision_sources if at_decision else self._sources
             changed, self._instruction_changed = self._instruction_changed, False
             if self._instruction_error is not None:
                 instruction = None  # rejected: never condition on something else instead
             else:
                 instruction = self._instruction if self._instruction is not None else self._fallback_instruction()
-            return dict(self._frames), instruction, changed, self._enabled and self._active, dict(self._sources)
+            return dict(frames), instruction, changed, self._enabled and self._active, dict(sources)
 
     def _stale_reason(self, now_ns: int, frames: dict[str, _Frame], instruction: str | None,
                       sources: dict[int, _SourceValue]) -> str | None:
@@ -437,6 +467,8 @@ class _PolicyCore:
             d = self.contract.action_dims[i]
             if s is None:
                 return f"delta dim '{d.name}': no value yet on {d.source.topic} ({d.source.field})"
+            if not math.isfinite(s.value):
+                return f"delta dim '{d.name}': {d.source.topic} ({d.source.field}) is {s.value} (not finite)"
             age = (now_ns - s.received_ns) / 1e9
             if age > self.max_frame_age_s:
                 return f"delta dim '{d.name}': {d.source.topic} is stale ({age:.3f} s)"
@@ -448,7 +480,7 @@ class _PolicyCore:
         because CUDA graphs are recorded per thread: a warm-up elsewhere would be recorded again at the
         first real step."""
         self.overruns = 0
-        """Timer ticks that found the previous control step still running (model too slow for the rate)."""
+        """Decision moments that found the previous control step still running (model too slow for the rate)."""
         self._tick_wanted = threading.Event()
         self._inference_done = threading.Event()
         self._in_step = False
@@ -500,9 +532,20 @@ class _PolicyCore:
         gc.unfreeze()  # undo the warm-up's gc.freeze: the model may be dropped now (cleanup, exit)
 
     def _on_timer(self) -> None:
-        """Executor side of the control loop: wake the inference thread, never wait for it."""
-        if self._in_step or self._tick_wanted.is_set():
-            self.overruns += 1
+        """Watchdog at the control rate: checks inputs (staleness, enable) without deciding, so that a
+        silent camera still gets its stop; decisions come from the step camera's frames."""
+        self._request_step(decision=False)
+
+    def _request_step(self, decision: bool) -> None:
+        """Wake the inference thread (executor side: never waits for it). A decision requested while the
+        previous step still runs is an overrun: it starts as soon as that step ends."""
+        overran = False
+        with self._lock:
+            if decision:
+                overran = self._in_step or self._decision_pending
+                self.overruns += int(overran)
+                self._decision_pending = True
+        if overran:
             self.get_logger().warning(
                 f"control step slower than {self.control_rate_hz} Hz ({self.overruns} overruns so far): the next "
                 f"step starts when this one ends; a GPU, a smaller model or a lower control rate would keep up",
@@ -514,24 +557,28 @@ class _PolicyCore:
             self._tick_wanted.wait()
             if self._inference_done.is_set():
                 return
-            self._in_step = True
-            self._tick_wanted.clear()
+            with self._lock:
+                self._in_step = True
+                self._tick_wanted.clear()
+                decision, self._decision_pending = self._decision_pending, False
             try:
-                self._on_tick()
+                self._on_tick(decision)
             except Exception as e:  # noqa: BLE001 - the thread must outlive any one step
                 self.get_logger().error(f"control step raised outside its guard: {type(e).__name__}: {e}",
                                         throttle_duration_sec=WARN_THROTTLE_S)
             finally:
                 self._in_step = False
 
-    def _on_tick(self) -> None:
+    def _on_tick(self, decision: bool = True) -> None:
         with self._tick_lock:
-            self._tick()
+            self._tick(decision)
 
-    def _tick(self) -> None:
+    def _tick(self, decision: bool = True) -> None:
+        """One control step: ``decision`` = a decision moment (a step-camera frame); otherwise a watchdog
+        check that stops on stale or missing inputs and never commands."""
         now = self.get_clock().now()
         now_ns = now.nanoseconds
-        frames, instruction, changed, enabled, sources = self._snapshot()
+        frames, instruction, changed, enabled, sources = self._snapshot(decision)
         try:
             if changed or instruction != self._active_instruction:
                 self._reset(instruction, why="instruction changed")
@@ -544,6 +591,8 @@ class _PolicyCore:
                 self._stop(now, reason)
                 self._publish_decision(now, None, frames, commanded=False)
                 return
+            if not decision:
+                return  # watchdog: inputs are fine; the next step-camera frame decides
             if self._stopped:
                 # Resuming after a gap (or starting): the model never saw histories with holes in them.
                 self._reset(instruction, why=f"resuming after: {self._stop_reason}")
@@ -555,7 +604,18 @@ class _PolicyCore:
             values = action.copy()
             for i in self._delta_dims:
                 values[i] += sources[i].value
-            self._publish_commands(now, values)
+            if not np.all(np.isfinite(values)):
+                raise FloatingPointError(f"non-finite command {values} (decided action {action} plus delta bases)")
+            # Checked again at publish time: a slow decision must not send a command built from inputs
+            # that went stale while it ran.
+            published = self.get_clock().now()
+            reason = self._stale_reason(published.nanoseconds, frames, instruction, sources)
+            if reason is not None:
+                self._stop(published, f"{reason} (at publish time, after a "
+                                      f"{(published.nanoseconds - now_ns) / 1e9:.3f} s decision)")
+                self._publish_decision(published, None, frames, commanded=False)
+                return
+            self._publish_commands(published, values)
         except Exception as e:  # noqa: BLE001 - a failed step must stop the robot, not the node
             if getattr(self, "_closing", False) or not rclpy.ok(context=self.context):
                 return  # shutting down: publishers are gone, destroy_node sends the stop
@@ -597,8 +657,9 @@ class _PolicyCore:
         self._stop_reason = reason
         self.stops += 1
         if self.contract.stop_behaviour == "zero":
-            self._publish_commands(now, self.stop_values())
-            self.get_logger().warning(f"stop (zero command sent): {reason}")
+            skipped = self._publish_commands(now, self.stop_values(), finite_only=True)
+            extra = f"; not sent on {skipped}: its delta base is not finite" if skipped else ""
+            self.get_logger().warning(f"stop (zero command sent{extra}): {reason}")
         else:
             self.get_logger().warning(f"stop (hold: no command sent): {reason}")
 
@@ -616,11 +677,21 @@ class _PolicyCore:
                     values[i] = self._sources[i].value
         return values
 
-    def _publish_commands(self, now: Any, values: np.ndarray) -> None:
+    def _publish_commands(self, now: Any, values: np.ndarray, finite_only: bool = False) -> list[str]:
+        """Publish one command per output; a non-finite value is never published (``finite_only``: such
+        an output is skipped and named in the result; otherwise it is an error)."""
         stamp = now.to_msg()
         period = 1.0 / self.control_rate_hz
+        skipped = []
         for group, pub in zip(self.outputs, self._command_pubs):
-            pub.publish(build_command(group, [values[i] for i in group.dims], stamp, period))
+            group_values = [float(values[i]) for i in group.dims]
+            if not all(math.isfinite(v) for v in group_values):
+                if not finite_only:
+                    raise FloatingPointError(f"non-finite command {group_values} for {group.topic}")
+                skipped.append(group.topic)
+                continue
+            pub.publish(build_command(group, group_values, stamp, period))
+        return skipped
 
     def _publish_decision(self, now: Any, decision: Any | None, frames: dict[str, _Frame], commanded: bool) -> None:
         if self._decision_pub is None:
@@ -634,6 +705,12 @@ class _PolicyCore:
             float((now.nanoseconds - frames[cam.name].stamp_ns) / 1e9) if cam.name in frames else float("inf")
             for cam in self.contract.cameras
         ]
+        if hasattr(msg, "frame_stamps"):
+            for cam in self.contract.cameras:
+                stamp = type(msg.header.stamp)()
+                if cam.name in frames:
+                    stamp.sec, stamp.nanosec = divmod(frames[cam.name].stamp_ns, 1_000_000_000)
+                msg.frame_stamps.append(stamp)
         msg.commanded = commanded
         if decision is not None:
             msg.bins = [int(b) for b in np.asarray(decision.bins).reshape(-1)]

@@ -478,17 +478,32 @@ def test_inference_error_stops_once_and_node_recovers(ee: Harness) -> None:
 
 
 def test_slow_model_counts_overruns_and_inputs_keep_flowing(ee: Harness) -> None:
-    """A step longer than the control period (0.25 s at 10 Hz) runs on the inference thread: frames and
-    services are still served meanwhile, each late tick is counted, and steps run back to back."""
+    """A step longer than the control period (0.15 s at 10 Hz) runs on the inference thread: frames and
+    services are still served meanwhile, each decision frame that finds a step running is counted, and
+    steps run back to back on the newest decision frame."""
     start(ee)
-    ee.policy.delay_s = 0.25
+    ee.policy.delay_s = 0.15
     ee.wait_for(lambda: ee.node.overruns >= 3, what="overruns counted")
     frames_before, decisions_before = ee.node._received["front"], ee.node.decisions
     assert ee.call(SetBool, "/policy_node/enable", SetBool.Request(data=True)).success
     time.sleep(1.0)
     assert ee.node._received["front"] - frames_before >= 15  # 30 Hz camera: the executor never waits for the model
-    assert 2 <= ee.node.decisions - decisions_before <= 5  # about one step per 0.25 s, not one per 0.1 s tick
-    assert ee.node.stop_reason is None  # slow but fresh: still commanding
+    assert 3 <= ee.node.decisions - decisions_before <= 8  # about one step per 0.15 s, not one per 0.1 s
+    assert ee.node.stop_reason is None  # slow but fresh (< 0.3 s old when published): still commanding
+
+
+def test_slow_model_never_publishes_a_command_from_a_stale_frame(ee: Harness) -> None:
+    """A decision slower than the frame-age limit: every frame is stale by the time its command would be
+    published, so the node stops (once) and sends nothing built from it."""
+    start(ee)
+    ee.policy.delay_s = 0.35  # > max_frame_age_s 0.3
+    ee.wait_for(lambda: ee.node.stop_reason is not None and "at publish time" in ee.node.stop_reason,
+                what="stop at publish time")
+    t0 = time.monotonic()
+    time.sleep(1.5)
+    moving = [m for m in ee.robot.since("/t/ee_cmd", t0) if m.twist.linear.x != 0.0 or m.twist.linear.y != 0.0]
+    assert moving == []
+    assert ee.node.stop_reason is not None and "stale" in ee.node.stop_reason
 
 
 def test_node_loads_checkpoint_parameter(tmp_path) -> None:
