@@ -2,14 +2,20 @@
 
 Arguments: checkpoint, params_file (default: the installed config/policy.yaml), device, namespace,
 use_sim_time. The params file is the source of truth; only arguments that were given on the command
-line override it (an empty argument leaves the file's value alone).
+line override it (an empty argument leaves the file's value alone). With ``namespace:=robot1`` the
+node and every contract topic move under ``/robot1`` (the node resolves contract topics relative to its
+namespace), so two robots run side by side.
+
+A node that exits with an error (a missing checkpoint, say) ends the launch with a non-zero exit
+code: launch itself returns 0 when its processes fail, unless an event handler raises.
 """
 
 import os
 
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.actions import DeclareLaunchArgument, OpaqueFunction, RegisterEventHandler
+from launch.event_handlers import OnProcessExit
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
@@ -26,17 +32,25 @@ def _policy_node(context, *args, **kwargs):
     parameters = [LaunchConfiguration("params_file").perform(context)]
     if overrides:
         parameters.append(overrides)
-    return [
-        Node(
-            package="q_transformer_ros",
-            executable="policy_node",
-            name="policy_node",
-            namespace=LaunchConfiguration("namespace").perform(context),
-            parameters=parameters,
-            output="screen",
-            emulate_tty=True,
-        )
-    ]
+    node = Node(
+        package="q_transformer_ros",
+        executable="policy_node",
+        name="policy_node",
+        namespace=LaunchConfiguration("namespace").perform(context),
+        parameters=parameters,
+        output="screen",
+        emulate_tty=True,
+    )
+    return [node, RegisterEventHandler(OnProcessExit(target_action=node, on_exit=_fail_on_error))]
+
+
+class PolicyNodeFailed(RuntimeError):
+    """Raised from the exit handler so that `ros2 launch` returns non-zero."""
+
+
+def _fail_on_error(event, context):
+    if event.returncode not in (0, None, -2, -15):  # not a clean exit, Ctrl-C or SIGTERM
+        raise PolicyNodeFailed(f"{event.action.name} exited with code {event.returncode}")
 
 
 def generate_launch_description():

@@ -34,6 +34,8 @@ if [[ -d "$_qtr_prefix" ]]; then
   _qtr_prepend LD_LIBRARY_PATH "$_qtr_prefix/lib"
   _qtr_pyver="$("$_qtr_venv/bin/python" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")' 2>/dev/null || echo 3.11)"
   _qtr_prepend PYTHONPATH "$_qtr_prefix/lib/python$_qtr_pyver/site-packages"
+  # the package's executables by name (convert_bag, train, record, policy_node, ...), as `ros2 run` would
+  _qtr_prepend PATH "$_qtr_prefix/lib/q_transformer_ros"
   unset _qtr_pyver
 else
   echo "ros_env.sh: no colcon install at $_qtr_prefix (run: bash scripts/colcon_build.sh);" \

@@ -6,6 +6,7 @@ generated Decision message and ScoreInstructions service round-trip over real Fa
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -75,8 +76,8 @@ def describe(proc: subprocess.CompletedProcess[str]) -> str:
 # -------------------------------------------------------------------------------------------------
 
 def test_core_and_data_import_without_ros(tmp_path: Path, venv_python: Path) -> None:
-    """Every module under core/ and data/ imports with rclpy and all ROS message packages blocked."""
-    modules = source_modules("core", "data")
+    """Every module under core/, data/ and control/ imports with rclpy and all ROS message packages blocked."""
+    modules = source_modules("core", "data", "control")
     assert "q_transformer_ros.data.contract" in modules, f"walk of {PACKAGE_DIR} found {modules}"
     script = BLOCK_ROS + textwrap.dedent(f"""
         import importlib, json, traceback
@@ -215,6 +216,39 @@ def test_installed_executable_runs(exe: str, install_prefix: Path) -> None:
                env=ros_subprocess_env(), cwd=Path("/"))
     assert proc.returncode == 0, describe(proc)
     assert "usage" in proc.stdout.lower(), proc.stdout
+
+
+@pytest.mark.parametrize("exe", ["record", "expert_node", "sim_node", "policy_node"])
+def test_ros_executable_help_prints_usage_without_starting_a_node(exe: str, install_prefix: Path) -> None:
+    proc = run([str(install_prefix / "lib" / "q_transformer_ros" / exe), "--help"],
+               env=ros_subprocess_env(), cwd=Path("/"))
+    assert proc.returncode == 0, describe(proc)
+    assert proc.stdout.startswith(f"usage: {exe}"), proc.stdout[:300]
+
+
+def test_executables_run_by_name_after_sourcing_ros_env() -> None:
+    """`source scripts/ros_env.sh` puts the package's executables on PATH, as the README uses them."""
+    proc = run(["bash", "-c", f"source {REPO_ROOT}/scripts/ros_env.sh && convert_bag --help && train --help "
+                              f"&& record --help && command -v policy_node"], env=None, cwd=Path("/"))
+    assert proc.returncode == 0, describe(proc)
+    assert "usage: convert_bag" in proc.stdout and "usage: record" in proc.stdout
+
+
+def test_symlink_install_gives_runnable_executables(tmp_path: Path) -> None:
+    """`colcon build --symlink-install` (how most ROS developers build): the launchers it links to keep
+    their run bit, and they run."""
+    build, install = tmp_path / "build", tmp_path / "install"
+    proc = run(["bash", str(REPO_ROOT / "scripts" / "colcon_build.sh"), "--symlink-install",
+                "--build-base", str(build), "--install-base", str(install)], env=None, cwd=REPO_ROOT)
+    assert proc.returncode == 0, describe(proc)
+    lib = install / "q_transformer_ros" / "lib" / "q_transformer_ros"
+    for exe in EXECUTABLES:
+        path = lib / exe
+        assert path.is_symlink() or path.is_file(), f"{path} missing"
+        assert os.access(path, os.X_OK), f"{path} (-> {path.resolve()}) is not executable"
+    for exe in ("convert_bag", "record"):
+        proc = run([str(lib / exe), "--help"], env=ros_subprocess_env(), cwd=Path("/"))
+        assert proc.returncode == 0 and "usage" in proc.stdout, describe(proc)
 
 
 @pytest.fixture(scope="module")

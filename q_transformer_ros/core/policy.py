@@ -207,6 +207,11 @@ class QTransformerPolicy:
             self._embeddings[text] = self._check_embedding(self.text_encoder.embed([text])[0], f"instruction {text!r}")
         return self._embeddings[text]
 
+    def is_embedded(self, text: str) -> bool:
+        """Whether ``text`` needs no text-encoder work (its embedding is cached): callers with a control
+        loop embed unknown instructions elsewhere first (``embed_instruction`` may build the text model)."""
+        return text in self._embeddings
+
     def _resolve_text(self, instruction: str | None) -> tuple[Tensor | None, Tensor]:
         """-> (text (1, T) or None, mask (1,)). None uses the contract's fixed text, else the null embedding."""
         if instruction is None:
@@ -289,6 +294,19 @@ class QTransformerPolicy:
             else:  # beam search: eager (its shapes depend on the width)
                 state = self.net.encode_state(tokens, *self._text)
                 bins, q, all_q = self.net.decode(state, beam_width=beam_width)
+        return self._decision(bins, q, all_q, start)
+
+    @torch.inference_mode()
+    def decide_full(self, beam_width: int = 1) -> Decision:
+        """Decide by re-encoding the kept frame history (full recomputation; same inputs as ``decide``)."""
+        if not self._frames:
+            raise PolicyInputError("decide_full() called before push_frames(): no frames since the last reset()")
+        start = time.perf_counter()
+        video = rearrange(torch.stack(self._padded(self._frames)), "f c ch h w -> 1 c f ch h w")
+        text, mask = self._resolve_text(self.instruction)
+        with self._amp():
+            state = self.net.encode(video, text, mask)
+            bins, q, all_q = self.net.decode(state, beam_width=beam_width)
         return self._decision(bins, q, all_q, start)
 
     # -- full recomputation ---------------------------------------------------------------------------

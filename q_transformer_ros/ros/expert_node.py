@@ -29,7 +29,7 @@ from std_msgs.msg import Float64MultiArray, String
 from q_transformer_ros.data.contract import RobotContract, load_contract
 from q_transformer_ros.ros.conversions import build_command, group_outputs, message_class
 from q_transformer_ros.ros.qos import COMMAND_QOS, DIAGNOSTIC_QOS, INSTRUCTION_QOS
-from q_transformer_ros.ros.runner import spin_node
+from q_transformer_ros.ros.runner import print_help_if_asked, spin_node
 from q_transformer_ros.ros.sim_node import default_contract_path
 from q_transformer_ros.sim.metaworld_env import OBS_DIM, ScriptedExpert, contract_action_order
 
@@ -119,6 +119,8 @@ class ExpertNode(Node):
 
 def main(args: list[str] | None = None) -> int:
     """Entry point: ``expert_node --ros-args -p noise_std:=0.3``."""
+    if print_help_if_asked(args, 'expert_node [-h] --ros-args [-p contract:=CONTRACT.yaml] [-p noise_std:=0.3] [-p seed:=N] [-p task:=TASK]', __doc__):
+        return 0
     rclpy.init(args=args)
     return spin_node(ExpertNode, NODE_NAME)
 

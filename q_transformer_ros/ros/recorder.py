@@ -28,7 +28,7 @@ from q_transformer_ros.data.bag_writer import BagWriter
 from q_transformer_ros.data.contract import RobotContract, load_contract
 from q_transformer_ros.ros.conversions import message_class
 from q_transformer_ros.ros.qos import COMMAND_QOS, INSTRUCTION_QOS, SENSOR_QOS
-from q_transformer_ros.ros.runner import spin_node
+from q_transformer_ros.ros.runner import print_help_if_asked, spin_node
 
 
 def contract_topics(contract: RobotContract) -> dict[str, tuple[str, str]]:
@@ -191,6 +191,8 @@ def _decode_bool(raw: bytes) -> bool:
 
 def main(args: list[str] | None = None) -> int:
     """``record --ros-args -p contract:=config/contract_ee_arm.yaml -p output_dir:=bags``."""
+    if print_help_if_asked(args, 'record [-h] --ros-args -p contract:=CONTRACT.yaml -p output_dir:=DIR [-p storage:=mcap|sqlite3] [-p bag_prefix:=episode] [-p stop_on_success:=true] [-p instruction:=TEXT]', __doc__):
+        return 0
     rclpy.init(args=args)
     return spin_node(EpisodeRecorder, "recorder")
 

@@ -9,7 +9,8 @@ traceback, because that is a configuration problem for the user, not a bug.
 
 from __future__ import annotations
 
-from typing import Callable
+import sys
+from typing import Callable, Sequence
 
 import rclpy
 from rclpy.executors import Executor, ExternalShutdownException
@@ -41,3 +42,16 @@ def spin_node(make_node: Callable[[], Node], node_name: str, executor: Executor 
             node.destroy_node()
         rclpy.try_shutdown()
     return 0
+
+
+def print_help_if_asked(args: Sequence[str] | None, usage: str, doc: str | None) -> bool:
+    """``-h`` / ``--help`` before ``--ros-args``: print the usage and the module's description and return
+    True (the caller exits 0 without starting ROS); otherwise False."""
+    argv = list(sys.argv if args is None else args)[1:]
+    if "--ros-args" in argv:
+        argv = argv[: argv.index("--ros-args")]
+    if not any(a in ("-h", "--help") for a in argv):
+        return False
+    print(f"usage: {usage}\n")
+    print((doc or "").strip())
+    return True

@@ -51,7 +51,7 @@ from q_transformer_ros.data.contract import RobotContract, load_contract
 from q_transformer_ros.data.messages import read_field
 from q_transformer_ros.ros.conversions import group_outputs, message_class
 from q_transformer_ros.ros.qos import COMMAND_QOS, DIAGNOSTIC_QOS, INSTRUCTION_QOS, SENSOR_QOS
-from q_transformer_ros.ros.runner import spin_node
+from q_transformer_ros.ros.runner import print_help_if_asked, spin_node
 from q_transformer_ros.sim.metaworld_env import (
     MetaWorldEnv,
     SimConfig,
@@ -291,6 +291,8 @@ class SimNode(Node):
 
 def main(args: list[str] | None = None) -> int:
     """Entry point: ``sim_node --ros-args -p task:=drawer-open-v3 -p seed:=0 [-p contract:=...]``."""
+    if print_help_if_asked(args, 'sim_node [-h] --ros-args [-p contract:=CONTRACT.yaml] [-p task:=drawer-open-v3] [-p seed:=0] [-p max_episode_steps:=150]', __doc__):
+        return 0
     rclpy.init(args=args)
     return spin_node(SimNode, NODE_NAME)
 

@@ -574,7 +574,7 @@ def test_no_instruction_means_no_command(ee: Harness) -> None:
 
 
 def test_policy_yaml_parameters_are_declared_and_launch_file_compiles(ee: Harness) -> None:
-    params = yaml.safe_load((REPO / "config" / "policy.yaml").read_text())["policy_node"]["ros__parameters"]
+    params = yaml.safe_load((REPO / "config" / "policy.yaml").read_text())["/**/policy_node"]["ros__parameters"]
     declared = set(ee.node._parameters)
     assert set(params) <= declared, set(params) - declared
     for name, value in params.items():
@@ -605,3 +605,97 @@ def test_managed_node_lifecycle(policies) -> None:
         assert h.node.trigger_cleanup() == TransitionCallbackReturn.SUCCESS
     finally:
         h.close()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_joint_states_never_reach_the_robot(joint: Harness, bad: float) -> None:
+    """A /joint_states message with NaN or inf on a delta dim's joint: a stop, never a non-finite target."""
+    start(joint)
+    joint.robot.joint_positions = np.array([bad, -0.2, 0.1])
+    joint.wait_for(lambda: "not finite" in (joint.node.stop_reason or ""), what="stop on the non-finite joint")
+    time.sleep(0.5)
+    sent = joint.robot.since("/t/arm/joint_trajectory", 0)
+    assert sent and all(np.all(np.isfinite(m.points[0].positions)) for m in sent)
+    joint.robot.joint_positions = np.array([0.3, -0.2, 0.1])
+    n = len(sent)
+    joint.wait_for(lambda: joint.robot.count("/t/arm/joint_trajectory") >= n + 3, what="commands after recovery")
+
+
+@needs_interfaces
+def test_decision_message_names_the_stop_reason(ee: Harness) -> None:
+    start(ee)
+    ee.robot.camera_mode["front"] = "off"
+    ee.wait_for(lambda: any(not d.commanded and "stale" in d.stop_reason for d in list(ee.robot.decisions)),
+                what="a Decision naming the stop")
+
+
+def test_parameters_are_visible_and_read_only_ones_refuse_a_set(ee: Harness) -> None:
+    """What `ros2 param list/get/dump/set` do, through the parameter services."""
+    from rcl_interfaces.msg import Parameter as ParamMsg, ParameterType, ParameterValue  # noqa: PLC0415
+    from rcl_interfaces.srv import GetParameters, ListParameters, SetParameters  # noqa: PLC0415
+
+    names = ee.call(ListParameters, "/policy_node/list_parameters", ListParameters.Request()).result.names
+    params = yaml.safe_load((REPO / "config" / "policy.yaml").read_text())["/**/policy_node"]["ros__parameters"]
+    assert set(params) <= set(names)
+    got = ee.call(GetParameters, "/policy_node/get_parameters",
+                  GetParameters.Request(names=["camera_topics", "control_rate_hz", "checkpoint"])).values
+    assert got[0].type == ParameterType.PARAMETER_STRING_ARRAY and list(got[0].string_array_value) == []
+    assert got[1].type == ParameterType.PARAMETER_DOUBLE and got[2].type == ParameterType.PARAMETER_STRING
+
+    def set_param(name: str, value: ParameterValue) -> Any:
+        req = SetParameters.Request(parameters=[ParamMsg(name=name, value=value)])
+        return ee.call(SetParameters, "/policy_node/set_parameters", req).results[0]
+
+    refused = set_param("control_rate_hz", ParameterValue(type=ParameterType.PARAMETER_DOUBLE, double_value=5.0))
+    assert not refused.successful and "read-only" in refused.reason
+    assert ee.node.control_rate_hz == 10.0
+    ok = set_param("max_frame_age_s", ParameterValue(type=ParameterType.PARAMETER_DOUBLE, double_value=0.4))
+    assert ok.successful and ee.node.loop.config.max_frame_age_s == 0.4
+
+
+def test_two_robots_side_by_side_in_two_namespaces(policies, tmp_path) -> None:
+    """Two policy nodes in /robot1 and /robot2: each reads its robot's camera and commands its robot only."""
+    contract = ee_contract()
+
+    class Robot(Node):
+        def __init__(self, ns: str) -> None:
+            super().__init__("robot", namespace=ns)
+            self.cam = self.create_publisher(Image, "t/front/image_raw", SENSOR_QOS)
+            self.ins = self.create_publisher(String, "t/instruction", INSTRUCTION_QOS)
+            self.cmds: list[float] = []
+            self.create_subscription(TwistStamped, "t/ee_cmd", lambda m: self.cmds.append(time.monotonic()), COMMAND_QOS)
+            self.camera_on = True
+            self.create_timer(1 / 30, self._tick)
+
+        def _tick(self) -> None:
+            if self.camera_on:
+                rgb = np.zeros((32, 32, 3), np.uint8)
+                msg = Image(height=32, width=32, encoding="rgb8", step=96, data=rgb.tobytes())
+                msg.header.stamp = self.get_clock().now().to_msg()
+                self.cam.publish(msg)
+
+    nodes = [PolicyNode(policy, namespace=ns)  # one model each: a policy keeps its robot's frame history
+             for policy, ns in ((policies["ee"], "robot1"), (tiny_policy(contract, tmp_path), "robot2"))]
+    robots = [Robot(ns) for ns in ("robot1", "robot2")]
+    executors = [SingleThreadedExecutor() for _ in range(4)]
+    threads = []
+    for ex, n in zip(executors, [*nodes, *robots]):
+        ex.add_node(n)
+        threads.append(threading.Thread(target=ex.spin, daemon=True))
+        threads[-1].start()
+    try:
+        assert nodes[0].camera_topics["front"] == "/robot1/t/front/image_raw"
+        for r in robots:
+            r.ins.publish(String(data="pick up the block"))
+        wait_for(lambda: all(len(r.cmds) >= 3 for r in robots), 10.0, "commands to both robots")
+        robots[0].camera_on = False  # robot1's camera dies: robot1 stops, robot2 goes on
+        wait_for(lambda: nodes[0].stop_reason is not None and "stale" in nodes[0].stop_reason, 5.0, "robot1 stops")
+        n2 = len(robots[1].cmds)
+        wait_for(lambda: len(robots[1].cmds) >= n2 + 3, 5.0, "robot2 still commanded")
+        assert nodes[1].stop_reason is None
+    finally:
+        for ex, t in zip(executors, threads):
+            ex.shutdown(timeout_sec=5.0)
+            t.join(timeout=5.0)
+        for n in [*nodes, *robots]:
+            n.destroy_node()
