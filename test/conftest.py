@@ -29,6 +29,15 @@ from qtr_testing import (  # noqa: E402  (test/ is on sys.path: this file's fold
 
 make_generated_interfaces_importable()
 
+# torch (and torchvision, which open_clip imports) before MuJoCo in one process: the reverse order
+# segfaults inside torchvision's import. Test files run in any order (-k, a single folder), so import
+# them here, first.
+try:
+    import torch  # noqa: F401, E402
+    import torchvision  # noqa: F401, E402
+except ImportError:  # the ROS-free packaging checks run without them
+    pass
+
 
 @pytest.fixture(scope="session")
 def repo_root() -> Path:

@@ -109,28 +109,32 @@ def _compile_mode_param(value: Any) -> str:
 
 
 class _NodeLog:
-    """The loop's log on the node's logger; a message repeated within WARN_THROTTLE_S is dropped."""
+    """The loop's log on the node's logger; a message repeated within WARN_THROTTLE_S is dropped.
+    (One logging call site per severity: rclpy refuses a call site that changes severity.)"""
 
     def __init__(self, node: Node) -> None:
         self._logger = node.get_logger()
         self._last: dict[str, tuple[str, float]] = {}
 
-    def _emit(self, level: str, message: str) -> None:
+    def _fresh(self, level: str, message: str) -> bool:
         now = time.monotonic()
         last = self._last.get(level)
         if last is not None and last[0] == message and now - last[1] < WARN_THROTTLE_S:
-            return
+            return False
         self._last[level] = (message, now)
-        getattr(self._logger, level)(message)
+        return True
 
     def info(self, message: str) -> None:
-        self._emit("info", message)
+        if self._fresh("info", message):
+            self._logger.info(message)
 
     def warning(self, message: str) -> None:
-        self._emit("warning", message)
+        if self._fresh("warning", message):
+            self._logger.warning(message)
 
     def error(self, message: str) -> None:
-        self._emit("error", message)
+        if self._fresh("error", message):
+            self._logger.error(message)
 
 
 class _PolicyCore:
@@ -232,7 +236,7 @@ class _PolicyCore:
         if unknown:
             raise ValueError(f"parameter 'output_topics' remaps topics {sorted(unknown)} that are no target in contract '{c.name}'")
         self.outputs: list[OutputGroup] = [
-            OutputGroup(contract_topic(g.topic), g.contract_topic, g.msg_type, g.dims, g.refs)
+            OutputGroup(self.resolve_topic_name(contract_topic(g.topic)), g.contract_topic, g.msg_type, g.dims, g.refs)
             for g in group_outputs(c, output_remap)
         ]
         self._command_pubs: list[Any] = []
@@ -286,7 +290,7 @@ class _PolicyCore:
         self.get_logger().info(
             f"contract '{c.name}': cameras {self.camera_topics} (decisions on '{c.cameras[0].name}' frames), "
             f"instruction topic {self.instruction_topic}, outputs "
-            f"{[(self.resolve_topic_name(g.topic), g.msg_type.split('/')[-1]) for g in self.outputs]}, "
+            f"{[(g.topic, g.msg_type.split('/')[-1]) for g in self.outputs]}, "
             f"{self.control_rate_hz} Hz, max frame age {self.max_frame_age_s} s, stop '{c.stop_behaviour}', "
             f"{'commanding' if enabled and active else 'not commanding yet (~/enable true, or activate when managed)'}"
         )
@@ -546,7 +550,8 @@ class _PolicyCore:
         response.instructions = candidates
         if not candidates or len(candidates) > MAX_SCORE_CANDIDATES:
             response.success = False
-            response.message = f"give 1 to {MAX_SCORE_CANDIDATES} instructions (got {len(candidates)})"
+            response.message = (f"no instructions given" if not candidates else
+                                f"give at most {MAX_SCORE_CANDIDATES} instructions (got {len(candidates)})")
             return response
         too_long = [t for t in candidates if len(t) > self.loop.config.max_instruction_chars]
         if too_long:
