@@ -196,7 +196,8 @@ def test_generated_interfaces_in_colcon_environment(install_prefix: Path, repo_r
         "header": "std_msgs/Header", "instruction": "string", "bins": "sequence<int32>",
         "action": "sequence<float>", "dim_names": "sequence<string>", "q_values": "sequence<float>",
         "value": "float", "inference_time_s": "float", "frame_age_s": "sequence<float>",
-        "camera_names": "sequence<string>", "commanded": "boolean",
+        "camera_names": "sequence<string>", "frame_stamps": "sequence<builtin_interfaces/Time>",
+        "commanded": "boolean", "stop_reason": "string",
     }
     assert dict(map(tuple, report["score_fields"])) == {"instruction": "string", "value": "float"}
     assert dict(map(tuple, report["request_fields"])) == {"instructions": "sequence<string>"}

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import rclpy
-from rcl_interfaces.msg import ParameterDescriptor, ParameterType, SetParametersResult
+from rcl_interfaces.msg import SetParametersResult
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from std_msgs.msg import Float64MultiArray, String
@@ -29,12 +29,19 @@ from std_msgs.msg import Float64MultiArray, String
 from q_transformer_ros.data.contract import RobotContract, load_contract
 from q_transformer_ros.ros.conversions import build_command, group_outputs, message_class
 from q_transformer_ros.ros.qos import COMMAND_QOS, DIAGNOSTIC_QOS, INSTRUCTION_QOS
+from q_transformer_ros.ros.params import declare
 from q_transformer_ros.ros.runner import print_help_if_asked, spin_node
 from q_transformer_ros.ros.sim_node import default_contract_path
 from q_transformer_ros.sim.metaworld_env import OBS_DIM, ScriptedExpert, contract_action_order
 
 NODE_NAME = "expert_node"
 
+
+USAGE = ('expert_node [-h] --ros-args'
+         ' [-p contract:=CONTRACT.yaml]'
+         ' [-p noise_std:=0.3]'
+         ' [-p seed:=N]'
+         ' [-p task:=TASK]')
 
 class ExpertNode(Node):
     """Answers each sim observation with the scripted (noisy) action on the contract's command topics."""
@@ -62,16 +69,16 @@ class ExpertNode(Node):
         )
 
     def _declare_parameters(self) -> None:
-        def declare(name: str, default: Any, kind: int, description: str) -> None:
-            self.declare_parameter(name, default, ParameterDescriptor(name=name, type=kind, description=description))
-
-        S, D, I = ParameterType.PARAMETER_STRING, ParameterType.PARAMETER_DOUBLE, ParameterType.PARAMETER_INTEGER
-        declare("contract", "", S, "Robot contract YAML (command topics); empty = config/contract_ee_arm.yaml.")
-        declare("noise_std", 0.0, D, "Std of the Gaussian noise added to each action dim (action units, actions in [-1, 1]).")
-        declare("seed", -1, I, "Seed of the noise generator; -1 = fresh entropy.")
-        declare("task", "", S, "Meta-World task; empty = follow the sim node's task topic.")
-        declare("task_topic", "/sim_node/task", S, "Latched std_msgs/String topic with the sim's task name.")
-        declare("observation_topic", "/sim_node/observation", S, "std_msgs/Float64MultiArray topic with the 39-d observation.")
+        """Every parameter with its value and description; noise_std can change while running (per
+        episode), the rest are read-only."""
+        d = lambda *a, **k: declare(self, *a, **k)  # noqa: E731
+        d("contract", "", "Robot contract YAML (command topics); empty = config/contract_ee_arm.yaml.")
+        d("noise_std", 0.0, "Std of the Gaussian noise added to each action dim (action units, actions in [-1, 1]).",
+          read_only=False)
+        d("seed", -1, "Seed of the noise generator; -1 = fresh entropy.")
+        d("task", "", "Meta-World task; empty = follow the sim node's task topic.")
+        d("task_topic", "/sim_node/task", "Latched std_msgs/String topic with the sim's task name.")
+        d("observation_topic", "/sim_node/observation", "std_msgs/Float64MultiArray topic with the 39-d observation.")
 
     def _check_parameters(self, params: list[Parameter]) -> SetParametersResult:
         for p in params:
@@ -119,7 +126,7 @@ class ExpertNode(Node):
 
 def main(args: list[str] | None = None) -> int:
     """Entry point: ``expert_node --ros-args -p noise_std:=0.3``."""
-    if print_help_if_asked(args, 'expert_node [-h] --ros-args [-p contract:=CONTRACT.yaml] [-p noise_std:=0.3] [-p seed:=N] [-p task:=TASK]', __doc__):
+    if print_help_if_asked(args, USAGE, __doc__):
         return 0
     rclpy.init(args=args)
     return spin_node(ExpertNode, NODE_NAME)

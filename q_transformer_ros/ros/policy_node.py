@@ -550,7 +550,7 @@ class _PolicyCore:
         response.instructions = candidates
         if not candidates or len(candidates) > MAX_SCORE_CANDIDATES:
             response.success = False
-            response.message = (f"no instructions given" if not candidates else
+            response.message = ("no instructions given" if not candidates else
                                 f"give at most {MAX_SCORE_CANDIDATES} instructions (got {len(candidates)})")
             return response
         too_long = [t for t in candidates if len(t) > self.loop.config.max_instruction_chars]

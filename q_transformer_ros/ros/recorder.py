@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import rclpy
-from rcl_interfaces.msg import ParameterDescriptor, ParameterType
 from rclpy.node import Node
 from std_srvs.srv import Trigger
 
@@ -28,6 +27,7 @@ from q_transformer_ros.data.bag_writer import BagWriter
 from q_transformer_ros.data.contract import RobotContract, load_contract
 from q_transformer_ros.ros.conversions import message_class
 from q_transformer_ros.ros.qos import COMMAND_QOS, INSTRUCTION_QOS, SENSOR_QOS
+from q_transformer_ros.ros.params import declare
 from q_transformer_ros.ros.runner import print_help_if_asked, spin_node
 
 
@@ -45,22 +45,25 @@ def contract_topics(contract: RobotContract) -> dict[str, tuple[str, str]]:
     return topics
 
 
+USAGE = ('record [-h] --ros-args -p contract:=CONTRACT.yaml -p output_dir:=DIR'
+         ' [-p storage:=mcap|sqlite3]'
+         ' [-p bag_prefix:=episode]'
+         ' [-p stop_on_success:=true]'
+         ' [-p instruction:=TEXT]')
+
 class EpisodeRecorder(Node):
     """One node: raw subscriptions to the contract's topics, Trigger services, one bag per episode."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__("recorder", **kwargs)
-        string = ParameterType.PARAMETER_STRING
-        self.declare_parameter("contract", "", ParameterDescriptor(type=string, description="robot contract YAML"))
-        self.declare_parameter("output_dir", "bags", ParameterDescriptor(
-            type=string, description="folder that receives one bag per episode"))
-        self.declare_parameter("storage", "mcap", ParameterDescriptor(type=string, description="mcap or sqlite3"))
-        self.declare_parameter("bag_prefix", "episode", ParameterDescriptor(
-            type=string, description="bag names are <prefix>_<YYYYmmdd-HHMMSS>_<n>"))
-        self.declare_parameter("instruction", "", ParameterDescriptor(
-            type=string, description="instruction stored in bag metadata when no instruction message was seen"))
-        self.declare_parameter("stop_on_success", True, ParameterDescriptor(
-            type=ParameterType.PARAMETER_BOOL, description="end the episode when a success message arrives"))
+        d = lambda *a, **k: declare(self, *a, **k)  # noqa: E731
+        d("contract", "", "Robot contract YAML (required): the topics to record.")
+        d("output_dir", "bags", "Folder that receives one bag per episode.")
+        d("storage", "mcap", "Bag storage: mcap or sqlite3.")
+        d("bag_prefix", "episode", "Bag names are <prefix>_<YYYYmmdd-HHMMSS>_<n>.")
+        d("instruction", "", "Instruction stored in the bag metadata when no instruction message was seen.",
+          read_only=False)
+        d("stop_on_success", True, "End the episode when a success message arrives.")
 
         path = self.get_parameter("contract").value
         if not path:
@@ -191,7 +194,7 @@ def _decode_bool(raw: bytes) -> bool:
 
 def main(args: list[str] | None = None) -> int:
     """``record --ros-args -p contract:=config/contract_ee_arm.yaml -p output_dir:=bags``."""
-    if print_help_if_asked(args, 'record [-h] --ros-args -p contract:=CONTRACT.yaml -p output_dir:=DIR [-p storage:=mcap|sqlite3] [-p bag_prefix:=episode] [-p stop_on_success:=true] [-p instruction:=TEXT]', __doc__):
+    if print_help_if_asked(args, USAGE, __doc__):
         return 0
     rclpy.init(args=args)
     return spin_node(EpisodeRecorder, "recorder")

@@ -39,8 +39,7 @@ from typing import Any, Callable
 import numpy as np
 import rclpy
 from geometry_msgs.msg import PoseStamped
-from rcl_interfaces.msg import ParameterDescriptor, ParameterType, SetParametersResult
-from rclpy.exceptions import ParameterUninitializedException
+from rcl_interfaces.msg import SetParametersResult
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from sensor_msgs.msg import Image
@@ -51,6 +50,7 @@ from q_transformer_ros.data.contract import RobotContract, load_contract
 from q_transformer_ros.data.messages import read_field
 from q_transformer_ros.ros.conversions import group_outputs, message_class
 from q_transformer_ros.ros.qos import COMMAND_QOS, DIAGNOSTIC_QOS, INSTRUCTION_QOS, SENSOR_QOS
+from q_transformer_ros.ros.params import declare, param, parse_pairs
 from q_transformer_ros.ros.runner import print_help_if_asked, spin_node
 from q_transformer_ros.sim.metaworld_env import (
     MetaWorldEnv,
@@ -82,16 +82,11 @@ def default_contract_path(file_name: str = DEFAULT_CONTRACT) -> Path:
     raise FileNotFoundError(f"contract file {file_name} not found; looked in {[str(p) for p in candidates]}")
 
 
-def parse_pairs(items: list[str] | None, what: str) -> dict[str, str]:
-    """``['front:=corner']`` -> ``{'front': 'corner'}``; errors name the parameter and the item."""
-    out = {}
-    for item in items or []:
-        key, sep, value = item.partition(":=")
-        if not sep or not key or not value:
-            raise ValueError(f"parameter '{what}': item {item!r} is not of the form 'name:=value'")
-        out[key] = value
-    return out
-
+USAGE = ('sim_node [-h] --ros-args'
+         ' [-p contract:=CONTRACT.yaml]'
+         ' [-p task:=drawer-open-v3]'
+         ' [-p seed:=0]'
+         ' [-p max_episode_steps:=150]')
 
 class SimNode(Node):
     """Steps a MetaWorldEnv at the contract's rate with the latest commands; publishes its senses."""
@@ -107,7 +102,7 @@ class SimNode(Node):
         rate = self._param("control_rate_hz") or c.control_rate_hz
         self.period_s = 1.0 / rate
         self.command_timeout_s = self._param("command_timeout_s") or c.max_frame_age_s
-        self.end_on_success = bool(self._param("end_on_success"))
+        self.end_on_success = bool(self._param("end_on_success"))  # read again at each reset
         self.world_frame = self._param("world_frame")
 
         self.env: MetaWorldEnv | None = None
@@ -142,29 +137,24 @@ class SimNode(Node):
 
     # -- parameters ---------------------------------------------------------------------------
     def _declare_parameters(self) -> None:
-        def declare(name: str, default: Any, kind: int, description: str) -> None:
-            self.declare_parameter(name, default, ParameterDescriptor(name=name, type=kind, description=description))
-
-        S, D, B, I, SA = (ParameterType.PARAMETER_STRING, ParameterType.PARAMETER_DOUBLE, ParameterType.PARAMETER_BOOL,
-                          ParameterType.PARAMETER_INTEGER, ParameterType.PARAMETER_STRING_ARRAY)
-        declare("contract", "", S, "Robot contract YAML; empty = config/contract_ee_arm.yaml of this package.")
-        declare("task", "drawer-open-v3", S, "Meta-World task of the next reset (e.g. drawer-open-v3).")
-        declare("seed", 0, I, "Layout seed of the next reset (>= 0).")
-        declare("max_episode_steps", 150, I, "Steps after which an episode ends as 'truncated'.")
-        declare("end_on_success", True, B, "End the episode at its first success step (else run to the time limit).")
-        declare("camera_map", Parameter.Type.STRING_ARRAY, SA,
-                "Contract camera -> Meta-World camera as 'front:=corner' items; unlisted cameras use their own "
-                "name if Meta-World has it, else 'corner'.")
-        declare("control_rate_hz", 0.0, D, "Step rate override in Hz; 0 = the contract's control rate.")
-        declare("command_timeout_s", 0.0, D, "Commands older than this count as zero; 0 = the contract's max_frame_age_s.")
-        declare("reset_on_start", True, B, "Start an episode of task/seed at start-up (else wait for ~/reset).")
-        declare("world_frame", "world", S, "frame_id of ~/ee_pose.")
+        """Every parameter with its value and description; task, seed, max_episode_steps and
+        end_on_success take effect at the next reset (set them, then call ~/reset), the rest are read-only."""
+        d = lambda *a, **k: declare(self, *a, **k)  # noqa: E731
+        d("contract", "", "Robot contract YAML; empty = config/contract_ee_arm.yaml of this package.")
+        d("task", "drawer-open-v3", "Meta-World task of the next reset (e.g. drawer-open-v3).", read_only=False)
+        d("seed", 0, "Layout seed of the next reset (>= 0).", read_only=False)
+        d("max_episode_steps", 150, "Steps after which an episode ends as 'truncated'.", read_only=False)
+        d("end_on_success", True, "End the episode at its first success step (else run to the time limit).",
+          read_only=False)
+        d("camera_map", [], "Contract camera -> Meta-World camera as 'front:=corner' items; unlisted cameras use "
+                            "their own name if Meta-World has it, else 'corner'.")
+        d("control_rate_hz", 0.0, "Step rate override in Hz; 0 = the contract's control rate.")
+        d("command_timeout_s", 0.0, "Commands older than this count as zero; 0 = the contract's max_frame_age_s.")
+        d("reset_on_start", True, "Start an episode of task/seed at start-up (else wait for ~/reset).")
+        d("world_frame", "world", "frame_id of ~/ee_pose.")
 
     def _param(self, name: str) -> Any:
-        try:
-            return self.get_parameter(name).value
-        except ParameterUninitializedException:  # an empty list parameter
-            return None
+        return param(self, name)
 
     def _check_parameters(self, params: list[Parameter]) -> SetParametersResult:
         for p in params:
@@ -291,7 +281,7 @@ class SimNode(Node):
 
 def main(args: list[str] | None = None) -> int:
     """Entry point: ``sim_node --ros-args -p task:=drawer-open-v3 -p seed:=0 [-p contract:=...]``."""
-    if print_help_if_asked(args, 'sim_node [-h] --ros-args [-p contract:=CONTRACT.yaml] [-p task:=drawer-open-v3] [-p seed:=0] [-p max_episode_steps:=150]', __doc__):
+    if print_help_if_asked(args, USAGE, __doc__):
         return 0
     rclpy.init(args=args)
     return spin_node(SimNode, NODE_NAME)

@@ -24,12 +24,11 @@ from PIL import Image as PILImage
 
 rclpy = pytest.importorskip("rclpy")
 
-from geometry_msgs.msg import TwistStamped  # noqa: E402
 from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.node import Node  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from sensor_msgs.msg import CompressedImage, Image, JointState  # noqa: E402
-from std_msgs.msg import Bool, Float64MultiArray, String  # noqa: E402
+from std_msgs.msg import Bool, String  # noqa: E402
 from std_srvs.srv import Trigger  # noqa: E402
 
 from q_transformer_ros.data.contract import parse_contract  # noqa: E402
