@@ -6,13 +6,20 @@ training run must continue at the same step with the same data order and RNG str
 scheduler, target network, RNG states, data order). Everything is stored as tensors, numbers, strings,
 lists and dicts, so ``torch.load(weights_only=True)`` can read it: loading our checkpoints never runs
 pickled code. Files are written to a temp path and renamed, so a crash never leaves half a checkpoint.
+
+Integrity: silent corruption (a flipped bit on disk or in a copy) must not load. Each file carries a
+sha256 of its payload (every tensor's bytes, dtype and shape, every number and string, in a canonical
+order; ``payload_sha256``), checked on load, and every zip record's CRC-32 (which torch writes but
+never checks) is verified first. A mismatch is a CheckpointError naming the file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import random
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -26,6 +33,7 @@ CHECKPOINT_FORMAT_VERSION = 1
 CHECKPOINT_NAME = "checkpoint.pt"
 """File name of the latest checkpoint inside a training output directory."""
 
+DIGEST_KEY = "payload_sha256"
 REQUIRED_KEYS = ("format_version", "kind", "contract", "model_config", "text_encoder", "objective", "model", "step")
 
 
@@ -39,8 +47,10 @@ def save_checkpoint(path: str | Path, payload: Mapping[str, Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = dict(payload)
+    data.pop(DIGEST_KEY, None)
     data["kind"] = CHECKPOINT_KIND
     data["format_version"] = CHECKPOINT_FORMAT_VERSION
+    data[DIGEST_KEY] = payload_digest(data)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -52,6 +62,64 @@ def save_checkpoint(path: str | Path, payload: Mapping[str, Any]) -> Path:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def payload_digest(data: Mapping[str, Any]) -> str:
+    """sha256 over a canonical walk of a checkpoint payload (without its own digest): dict keys sorted,
+    tensors as dtype + shape + bytes, scalars and strings by type and value."""
+    h = hashlib.sha256()
+
+    def walk(obj: Any) -> None:
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            if t.numel():
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(obj, Mapping):
+            keys = sorted((k for k in obj if k != DIGEST_KEY), key=str)
+            h.update(b"D%d" % len(keys))
+            for key in keys:
+                h.update(f"K{key!s}".encode())
+                walk(obj[key])
+        elif isinstance(obj, (list, tuple)):
+            h.update(b"L%d" % len(obj))
+            for item in obj:
+                walk(item)
+        else:
+            h.update(f"V{type(obj).__name__}:{obj!r}".encode())
+
+    walk(data)
+    return h.hexdigest()
+
+
+def _check_zip_records(path: Path) -> None:
+    """Verify the CRC-32 of every record of torch's zip container (torch itself does not)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint (not a valid torch zip archive: {e})") from None
+    if bad is not None:
+        raise CheckpointError(f"{path}: corrupt checkpoint: record '{bad}' fails its CRC-32 check "
+                              f"(bits changed on disk or in a copy); use another copy or the previous checkpoint")
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def remove_stale_temp_files(folder: str | Path, name: str = CHECKPOINT_NAME) -> list[Path]:
+    """Delete ``.<name>.tmp-<pid>`` files that killed writes left in ``folder``. Only call it while
+    no other process writes there (the trainer holds its run lock)."""
+    removed = []
+    for tmp in Path(folder).glob(f".{name}.tmp-*"):
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except FileNotFoundError:
+            pass
+    return removed
 
 
 def save_untrained_checkpoint(
@@ -98,13 +166,17 @@ def load_checkpoint(
         path = path / CHECKPOINT_NAME
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file (0 bytes): an interrupted copy or download? Use another copy")
+    if zipfile.is_zipfile(path):
+        _check_zip_records(path)
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{path}: not loadable with torch.load(weights_only=True) (not a q_transformer_ros "
-                              f"checkpoint, or it holds arbitrary pickled objects): {str(e).splitlines()[0]}") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint: {str(e).splitlines()[0]}") from None
+                              f"checkpoint, or it holds arbitrary pickled objects): {_first_line(e)}") from None
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds (some with empty messages) for bad files
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {_first_line(e)})") from None
     if not isinstance(data, dict) or data.get("kind") != CHECKPOINT_KIND:
         kind = data.get("kind") if isinstance(data, dict) else type(data).__name__
         raise CheckpointError(f"{path}: not a q_transformer_ros checkpoint (kind = {kind!r}, expected {CHECKPOINT_KIND!r})")
@@ -114,6 +186,10 @@ def load_checkpoint(
     missing = [k for k in REQUIRED_KEYS if k not in data]
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks key(s) {missing}")
+    stored = data.get(DIGEST_KEY)
+    if stored is not None and stored != payload_digest(data):
+        raise CheckpointError(f"{path}: corrupt checkpoint: its payload does not match the sha256 stored in it "
+                              f"(the file changed after it was written); use another copy or the previous checkpoint")
     try:
         contract = RobotContract.from_dict(data["contract"], where=f"{path}:contract")
     except ContractError as e:

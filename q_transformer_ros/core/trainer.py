@@ -36,13 +36,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from q_transformer_ros.config_io import dataclass_from_dict
 from q_transformer_ros.core.checkpoint import (
-    CHECKPOINT_NAME, CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
+    CHECKPOINT_NAME, CheckpointError, load_checkpoint, remove_stale_temp_files, rng_state, save_checkpoint,
+    set_rng_state,
 )
 from q_transformer_ros.core.distributed import (
     DistInfo, ShardedBatchSampler, barrier, check_in_sync, init_distributed, shutdown_distributed,
 )
 from q_transformer_ros.core.learner import LearnerConfig, learning_step, make_target_network, update_target_network
 from q_transformer_ros.core.metrics import MetricsLogger, plot_metrics
+from q_transformer_ros.core.run_lock import RunLock, RunLockError
 from q_transformer_ros.core.schedule import warmup_cosine_scheduler
 from q_transformer_ros.data.contract import ContractError, RobotContract, load_contract
 
@@ -439,7 +441,13 @@ def train(cfg: TrainConfig) -> TrainResult:
     device_kind = "cuda" if (cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())) else "cpu"
     info = init_distributed(device_kind)
     try:
-        return _train(cfg, info, ModelConfig, QTransformerNet)
+        # one run per --out (rank 0 holds it; torchrun stops the other ranks when rank 0 fails)
+        with RunLock(cfg.out) if info.is_main else nullcontext():
+            if info.is_main:
+                remove_stale_temp_files(cfg.out)  # what killed checkpoint writes left; we hold the lock
+            return _train(cfg, info, ModelConfig, QTransformerNet)
+    except RunLockError as e:
+        raise TrainError(str(e)) from None
     finally:
         shutdown_distributed()
 

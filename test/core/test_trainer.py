@@ -224,3 +224,117 @@ def test_several_datasets_merge_instruction_tables(tmp_path):
         want.append(None if k < 0 else ds.instructions[k])
     assert texts == want
     torch.testing.assert_close(batch["frames"][-1], d1[0]["frames"])
+
+
+# ------------------------------------------------------------------------------ integrity
+
+def _flip_middle(path: Path, n: int = 64) -> None:
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + n] = bytes(b ^ 0xFF for b in data[mid:mid + n])
+    path.write_bytes(bytes(data))
+
+
+def _trained(tmp_path: Path, steps: int = 2) -> tuple[Path, Path]:
+    ds = make_dataset(tmp_path / "ds")
+    out = tmp_path / "run"
+    assert main(args(ds, out, "--steps", str(steps), "--batch-size", "4")) == 0
+    return ds, out
+
+
+def test_corrupt_empty_and_truncated_checkpoints_are_refused_everywhere(tmp_path, capsys):
+    """64 flipped bytes, 0 bytes, half a file: a CheckpointError naming the file from the loader, the
+    policy and the trainer (which must not resume from it, nor save over it)."""
+    from q_transformer_ros.core.checkpoint import CheckpointError
+    from q_transformer_ros.core.policy import QTransformerPolicy
+
+    ds, out = _trained(tmp_path)
+    ckpt = out / "checkpoint.pt"
+    good = ckpt.read_bytes()
+    cases = {"flipped": lambda: _flip_middle(ckpt), "empty": lambda: ckpt.write_bytes(b""),
+             "truncated": lambda: ckpt.write_bytes(good[: len(good) // 2])}
+    for name, damage in cases.items():
+        ckpt.write_bytes(good)
+        damage()
+        damaged = ckpt.read_bytes()
+        with pytest.raises(CheckpointError, match=str(ckpt)) as e:
+            load_checkpoint(ckpt)
+        assert "IndexError" not in str(e.value), name
+        with pytest.raises(CheckpointError, match=str(ckpt)):
+            QTransformerPolicy.from_checkpoint(ckpt, device="cpu")
+        err = _err(capsys, args(ds, out, "--steps", "4", "--batch-size", "4"))
+        assert "cannot resume" in err and str(ckpt) in err, name
+        assert ckpt.read_bytes() == damaged, f"{name}: the trainer wrote over the damaged checkpoint"
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def test_flips_in_tensor_data_and_in_the_pickle_are_both_caught(tmp_path):
+    """A flip inside a weight tensor (zip CRC and payload sha256) and inside the pickled structure."""
+    import zipfile
+
+    from q_transformer_ros.core.checkpoint import CheckpointError
+
+    _, out = _trained(tmp_path)
+    good = (out / "checkpoint.pt").read_bytes()
+    with zipfile.ZipFile(out / "checkpoint.pt") as z:
+        infos = {i.filename: i for i in z.infolist()}
+    tensor = max((i for n, i in infos.items() if "/data/" in n), key=lambda i: i.file_size)
+    pkl = next(i for n, i in infos.items() if n.endswith("data.pkl"))
+    for info in (tensor, pkl):
+        start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+        data = bytearray(good)
+        data[start + info.file_size // 2] ^= 0x01  # one bit
+        path = _write(tmp_path / f"bad_{info.filename.replace('/', '_')}.pt", bytes(data))
+        with pytest.raises(CheckpointError, match="corrupt"):
+            load_checkpoint(path)
+
+
+def test_two_trainers_on_one_out_the_second_is_refused(tmp_path, capsys):
+    from q_transformer_ros.core.run_lock import RunLock
+
+    ds = make_dataset(tmp_path / "ds")
+    out = tmp_path / "run"
+    with RunLock(out):  # another run holds the folder (flock: another open file description)
+        err = _err(capsys, args(ds, out, "--steps", "2", "--batch-size", "4"))
+    assert "another training run is using this output folder" in err and f"pid {__import__('os').getpid()}" in err
+    assert not (out / "checkpoint.pt").exists()
+    assert main(args(ds, out, "--steps", "2", "--batch-size", "4")) == 0  # free again
+
+
+def test_kill_during_a_later_checkpoint_write_keeps_the_previous_one(tmp_path):
+    """SIGKILL in the middle of writing the second checkpoint (a real process, killed for real): the first
+    checkpoint.pt stays intact, the rerun removes the half-written temp file and resumes from it."""
+    import os
+    import subprocess
+    import sys
+
+    ds = make_dataset(tmp_path / "ds")
+    out = tmp_path / "run"
+    argv = args(ds, out, "--steps", "6", "--batch-size", "4", "--set", "checkpoint_every=2")
+    script = f"""
+import os, signal, sys
+import torch
+from q_transformer_ros.core import checkpoint
+real_save, calls = torch.save, [0]
+def dying_save(obj, f, *a, **k):
+    calls[0] += 1
+    if calls[0] == 2:  # the second checkpoint: write part of it, then die
+        f.write(b"PK\\x03\\x04" + os.urandom(4096)); f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, f, *a, **k)
+checkpoint.torch.save = dying_save
+from q_transformer_ros.core.trainer import main
+torch.set_num_threads(1)
+sys.exit(main({argv!r}))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    temps = list(out.glob(".checkpoint.pt.tmp-*"))
+    assert temps, "the killed write left no temp file: the test did not kill mid-write"
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 2
+    result = train(config_from_args(argv))
+    assert result.step == 6 and not list(out.glob(".checkpoint.pt.tmp-*"))
