@@ -12,9 +12,9 @@ Per bag, in a worker process:
    selects, with the same ``frame_from_msg`` the policy node uses;
 5. ``build_episodes`` drops stale steps (every drop counted with its reason), splits a span where a
    gap was dropped, labels success and makes a labelled outcome terminal; ``summarize`` fills the report.
-The parent writes all episodes of all bags in ONE dataset transaction: a failure anywhere leaves the
-output dataset as it was. Episode ids are ``<bag identity>:<span>:<run>``, so a re-run skips bags
-already converted.
+The parent writes each bag's episodes in one dataset transaction (a bag is all or nothing; finished
+bags survive a failure or a kill). Episode ids are ``<bag identity>:<span>:<run>``, so a re-run skips
+bags already converted.
 """
 
 from __future__ import annotations
@@ -634,15 +634,17 @@ def _convert_job(job: tuple[str, ConvertConfig, bool]) -> BagResult:
 
 
 # ---------------------------------------------------------------------------------------------
-# many bags -> one transaction
+# many bags -> one transaction per bag
 # ---------------------------------------------------------------------------------------------
 
 def run_conversion(bags: Sequence[Path], out: Path, cfg: ConvertConfig, workers: int = 1,
                    on_error: str = "abort", progress: bool = True) -> list[BagReport]:
-    """Convert ``bags`` into the dataset at ``out`` in one transaction; returns one report per bag.
+    """Convert ``bags`` into the dataset at ``out``, one transaction per bag; returns one report per bag.
 
-    On any error (with ``on_error='abort'``) the dataset is left exactly as it was, and a dataset
-    folder this call created is removed again.
+    Each bag is all or nothing; bags already committed stay when a later one fails (``on_error='abort'``
+    stops there) or the process is killed, and a rerun skips them and converts the rest: the result is
+    byte for byte what one uninterrupted run writes. A dataset folder this call created and left
+    without episodes is removed again.
     """
     from tqdm import tqdm
 
@@ -659,16 +661,17 @@ def run_conversion(bags: Sequence[Path], out: Path, cfg: ConvertConfig, workers:
             job_cfg = ConvertConfig(**{**{f: getattr(cfg, f) for f in cfg.__dataclass_fields__}, "known_bags": known})
             jobs = [(str(b), job_cfg, on_error == "skip") for b in bags]
             bar = tqdm(total=len(jobs), unit="bag", desc="convert_bag", disable=not progress, file=sys.stderr)
-            with writer.transaction() as tx:
-                for result in _results(jobs, workers):
-                    for ep in result.episodes:
-                        tx.add_episode(EpisodeData(
-                            frames=ep.frames, actions=ep.actions, success=ep.success, terminal=ep.terminal,
-                            instruction=ep.instruction, source_id=ep.source_id, metadata=ep.metadata,
-                        ))
-                    reports.append(result.report)
-                    bar.update(1)
-                    bar.set_postfix(steps=sum(r.steps for r in reports))
+            for result in _results(jobs, workers):
+                if result.episodes:
+                    with writer.transaction() as tx:  # one bag: all or nothing; committed bags survive a kill
+                        for ep in result.episodes:
+                            tx.add_episode(EpisodeData(
+                                frames=ep.frames, actions=ep.actions, success=ep.success, terminal=ep.terminal,
+                                instruction=ep.instruction, source_id=ep.source_id, metadata=ep.metadata,
+                            ))
+                reports.append(result.report)
+                bar.update(1)
+                bar.set_postfix(steps=sum(r.steps for r in reports))
             bar.close()
     except BaseException:
         if created and out.exists() and not _has_episodes(out):
@@ -760,8 +763,8 @@ def report_json(reports: Sequence[BagReport]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="convert_bag",
-        description="Convert rosbag2 / ROS 1 recordings into a Q-Transformer replay dataset (one transaction: "
-                    "all bags or nothing; re-runs skip bags already converted).",
+        description="Convert rosbag2 / ROS 1 recordings into a Q-Transformer replay dataset (one transaction "
+                    "per bag: a bag is all or nothing; re-runs skip bags already converted).",
     )
     p.add_argument("inputs", nargs="+", help="bags: rosbag2 directories, .mcap/.db3/.bag files, or folders of bags")
     p.add_argument("--out", required=True, type=Path, help="replay dataset folder (created, or appended to)")
@@ -820,7 +823,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  progress=not args.no_progress)
     except (ConvertError, BagError, LabelsError, ContractError, ImageError, FieldError) as e:
         print(f"convert_bag: error: {e}", file=sys.stderr)
-        print(f"convert_bag: nothing written to {args.out}", file=sys.stderr)
+        print(f"convert_bag: bags converted before the error stay in {args.out}; the failing bag wrote nothing",
+              file=sys.stderr)
         return 1
     except ValueError as e:  # DatasetError and friends: already name the dataset
         print(f"convert_bag: error: {e}", file=sys.stderr)

@@ -178,7 +178,7 @@ def record(cfg: DemoConfig) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 def convert(cfg: DemoConfig) -> dict[str, Any]:
-    """The bags of the record log -> a replay dataset (one transaction; the converter's own table)."""
+    """The bags of the record log -> a replay dataset (one transaction per bag; the converter's own table)."""
     from q_transformer_ros.data.convert import main as convert_main  # noqa: PLC0415
 
     records = read_records(cfg.record_log)

@@ -298,7 +298,7 @@ def test_contract_mismatch_errors_name_the_dataset(tmp_path: Path):
 def test_empty_and_missing_dataset_errors(tmp_path: Path):
     c = tiny_contract()
     ReplayWriter(tmp_path / "ds", c).close()
-    with pytest.raises(DatasetError, match=r"ds: dataset is empty \(no episodes\)"):
+    with pytest.raises(DatasetError, match=r"ds: dataset is empty \(no episodes; an interrupted first conversion"):
         ReplayDataset(tmp_path / "ds")
     with pytest.raises(DatasetError, match=r"nope: not a replay dataset \(no manifest.json\)"):
         ReplayDataset(tmp_path / "nope")

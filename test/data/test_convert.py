@@ -320,3 +320,45 @@ def test_report_names_bags_without_episodes_and_json_is_strict(tmp_path, contrac
     assert "before the first instruction" in bad["error"]
     assert "NO EPISODES no_instruction:" in out
     assert sum(bad["dropped"].values()) >= len(script.steps)
+
+
+def test_kill_after_k_of_n_bags_then_rerun_is_byte_identical(tmp_path, contract_file) -> None:
+    """kill -9 right after the 2nd of 5 bags is committed; the rerun converts only the other 3, and the
+    dataset is byte for byte the one an uninterrupted run writes."""
+    import hashlib
+    import subprocess
+    import sys
+
+    bags = [make_episode(seed=60 + i, duration=1.0).write(tmp_path / f"bag_{i}") for i in range(5)]
+    argv = [*map(str, bags), "--contract", str(contract_file), "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "straight")]) == 0
+    killed = tmp_path / "killed"
+    script = f"""
+import os, signal, sys
+from q_transformer_ros.core.dataset import writer as w
+real_init, commits = w.ReplayWriter.__init__, [0]
+def hook(stage):
+    if stage == "manifest_written":
+        commits[0] += 1
+        if commits[0] == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+def init(self, *a, **k):
+    real_init(self, *a, **k)
+    self.stage_hook = hook
+w.ReplayWriter.__init__ = init
+from q_transformer_ros.data.convert import main
+sys.exit(main({[*argv, "--out", str(killed)]!r}))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert ReplayDataset(killed).num_episodes == 2
+    report = tmp_path / "report.json"
+    assert main([*argv, "--out", str(killed), "--report-json", str(report)]) == 0
+    statuses = [r["status"] for r in json.loads(report.read_text())]
+    assert statuses == ["already in dataset"] * 2 + ["converted"] * 3
+
+    def files(root):
+        return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".writer.lock"}
+
+    assert files(killed) == files(tmp_path / "straight")

@@ -1,4 +1,4 @@
-"""Bad input: each case fails with an error naming bag, topic and field, and the output dataset is unchanged."""
+"""Bad input: each case fails with an error naming bag, topic and field, and the failing bag writes nothing."""
 
 from __future__ import annotations
 
@@ -35,7 +35,8 @@ def setup(tmp_path: Path):
 def fails(bags: list[Path], contract: Path, out: Path, capsys, *needles: str, extra: tuple[str, ...] = ()) -> str:
     before = snapshot(out)
     another_good = make_episode(seed=101, duration=1.0).write(out.parent / f"good_{len(list(out.parent.iterdir()))}")
-    rc = main([str(another_good), *map(str, bags), "--out", str(out), "--contract", str(contract), "--no-progress",
+    # the bad bag first: it fails before the good one after it is reached (bags commit one by one)
+    rc = main([*map(str, bags), str(another_good), "--out", str(out), "--contract", str(contract), "--no-progress",
                *extra])
     err = capsys.readouterr().err
     assert rc == 1, err
@@ -129,10 +130,10 @@ def test_failed_conversion_into_new_folder_leaves_nothing(tmp_path, capsys) -> N
     s.msgs = [m for m in s.msgs if m[0] != "/front/image_raw"]
     bad = s.write(tmp_path / "bad")
     out = tmp_path / "new_ds"
-    assert main([str(good), str(bad), "--out", str(out), "--contract", str(contract), "--no-progress",
+    assert main([str(bad), str(good), "--out", str(out), "--contract", str(contract), "--no-progress",
                  "--workers", "2"]) == 1
     assert "camera 'front'" in capsys.readouterr().err
-    assert not out.exists()
+    assert not out.exists()  # the first bag failed: the folder this run created is gone again
 
 
 def test_on_error_skip_converts_the_good_bags(tmp_path, capsys) -> None:
@@ -148,3 +149,18 @@ def test_on_error_skip_converts_the_good_bags(tmp_path, capsys) -> None:
     assert rc == 1 and "ERROR bad" in report
     from q_transformer_ros.core.dataset import ReplayDataset
     assert ReplayDataset(out).num_episodes == 1
+
+
+def test_bags_before_a_failing_bag_stay_committed(tmp_path, setup, capsys) -> None:
+    """One transaction per bag: a good bag before a bad one is kept; the rerun converts only what is left."""
+    contract, out = setup
+    first = make_episode(seed=110, duration=1.0).write(tmp_path / "first")
+    bad = make_episode(seed=111).write(tmp_path / "bad_cut")
+    f = next(bad.glob("*.mcap"))
+    f.write_bytes(f.read_bytes()[:2000])
+    rc = main([str(first), str(bad), "--out", str(out), "--contract", str(contract), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "bad_cut" in err and "stay in" in err
+    from q_transformer_ros.core.dataset import ReplayDataset
+
+    assert {ReplayDataset(out).episode(i).metadata["bag_name"] for i in range(2)} == {"good", "first"}

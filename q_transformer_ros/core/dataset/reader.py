@@ -125,7 +125,8 @@ class ReplayDataset(Dataset):
             contract.check_compatible(self.dataset_contract, what="replay dataset", where=where)
         self.contract: RobotContract = contract if contract is not None else self.dataset_contract
         if not self.manifest.episodes:
-            raise DatasetError(f"{where}: dataset is empty (no episodes)")
+            raise DatasetError(f"{where}: dataset is empty (no episodes; an interrupted first conversion leaves "
+                               f"this: run convert_bag again, it continues)")
         sizes = {(c.height, c.width) for c in self.contract.cameras}
         if len(sizes) != 1:
             raise DatasetError(f"{where}: cameras have different sizes {sizes}; frames (C, F, 3, H, W) need one size")

@@ -170,7 +170,9 @@ class Transaction:
 
     def __init__(self, writer: "ReplayWriter"):
         self.writer = writer
-        self.chunk_id = f"{len(writer.manifest.chunks):06d}-{uuid.uuid4().hex[:8]}"
+        # deterministic: the same inputs give the same dataset, byte for byte (a chunk folder a crashed
+        # writer left under this name was not in the manifest and was removed when the writer opened)
+        self.chunk_id = f"{len(writer.manifest.chunks):06d}"
         self.tmp_dir = writer.root / CHUNKS_DIR / f"{TMP_PREFIX}{uuid.uuid4().hex}"
         self.tmp_dir.mkdir()
         c = writer.contract
