@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from rosbags.highlevel import AnyReader
-from rosbags.typesys import Stores, get_types_from_msg, get_typestore
+from rosbags.typesys import Stores, get_types_from_idl, get_types_from_msg, get_typestore
 from rosbags.typesys.store import Typestore
 
 PACKAGE_NAME = "q_transformer_ros"
@@ -176,8 +176,12 @@ class BagReader:
     def open(self) -> None:
         ros1 = self.path.suffix == ".bag"
         distro = _metadata_distro(self.path)
-        with self._wrap("cannot open bag (truncated, corrupt or not a bag?)"):
+        self.unreadable: dict[str, str] = {}
+        """topic -> why its type definition in the bag cannot be parsed (the topic is left out)."""
+        with self._wrap_open():
             reader = AnyReader([self.path], default_typestore=typestore_for(distro, ros1))
+            for sub in getattr(reader, "readers", []):
+                _skip_unparseable_definitions(sub, self.unreadable)
             reader.open()
         self._reader = reader
         topics = {name: (info.msgtype or "?") for name, info in reader.topics.items()}
@@ -222,6 +226,25 @@ class BagReader:
             self._reader = None
 
     @contextmanager
+    def _wrap_open(self) -> Iterator[None]:
+        """Errors when opening: say what is known (an unsupported format is not a corrupt file)."""
+        try:
+            yield
+        except (KeyboardInterrupt, SystemExit, MemoryError):
+            raise
+        except Exception as e:  # noqa: BLE001
+            text = str(e) or type(e).__name__
+            if "Serialization format" in text:
+                raise BagError(f"{self.path}: unsupported serialization format: {text} The converter reads rosbag2 "
+                               f"bags in 'cdr' (what ros2 bag record writes) and ROS 1 bags; re-record or convert "
+                               f"this bag to cdr") from e
+            if "Profile is not ros2" in text:
+                raise BagError(f"{self.path}: an MCAP file whose profile is not 'ros2' (written by a non-ROS "
+                               f"tool?); the converter reads ROS 2 MCAP bags") from e
+            raise BagError(f"{self.path}: cannot open bag (truncated, corrupt or not a bag?): "
+                           f"{type(e).__name__}: {text}") from e
+
+    @contextmanager
     def _wrap(self, what: str, topic: str | None = None) -> Iterator[None]:
         try:
             yield
@@ -243,6 +266,9 @@ class BagReader:
     def require_topic(self, topic: str, msg_types: Sequence[str], role: str) -> None:
         """Fail unless ``topic`` is in the bag with one of ``msg_types``; the error lists the bag's topics."""
         assert self.info is not None
+        if topic not in self.info.topics and topic in getattr(self, "unreadable", {}):
+            raise BagError(f"{self.path}: {role} topic {topic}: its message definition in the bag cannot be "
+                           f"parsed ({self.unreadable[topic]})")
         if topic not in self.info.topics:
             raise BagError(
                 f"{self.path}: {role} topic {topic} is not in the bag; the bag has: {self.info.describe_topics()}"
@@ -281,6 +307,50 @@ class BagReader:
         msgtype = self.info.topics[topic]
         with self._wrap(f"cannot deserialize a {msgtype} message", topic):
             return self.reader.deserialize(raw, msgtype)
+
+
+def _definition_problem(connection: Any) -> str | None:
+    """Why rosbags cannot parse a connection's stored message definition (None: it can, or there is none)."""
+    msgdef = getattr(connection, "msgdef", None)
+    fmt = getattr(getattr(msgdef, "format", None), "name", "NONE")
+    try:
+        if fmt == "MSG":
+            get_types_from_msg(msgdef.data, connection.msgtype)
+        elif fmt == "IDL":
+            sep = "=" * 80 + "\n"
+            parts = msgdef.data.split(sep)[1:] if msgdef.data.startswith(f"{sep}IDL: ") else [msgdef.data]
+            for part in parts:
+                get_types_from_idl(part.split("\n", 1)[1] if part.startswith("IDL: ") else part)
+    except Exception as e:  # noqa: BLE001 - rosbags raises several kinds for definitions it cannot read
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return f"{connection.msgtype}: {first[:200]}"
+    return None
+
+
+def _skip_unparseable_definitions(sub_reader: Any, unreadable: dict[str, str]) -> None:
+    """Make a rosbag2 sub-reader leave out connections whose stored definition rosbags cannot parse.
+
+    Why: rosbags' AnyReader registers the types of every connection when it opens, so one topic the
+    contract does not even name (a service-event topic, ``.../srv/X_Event``, whose schema rosbag2's MCAP
+    writer stores in a form rosbags does not parse) stops the whole bag from opening. Such topics are
+    dropped here, recorded in ``unreadable``, and named if the contract needs one of them."""
+    original_open = sub_reader.open
+
+    def open_and_filter() -> None:
+        original_open()
+        connections = getattr(getattr(sub_reader, "storage", None), "connections", None)
+        if not isinstance(connections, list):
+            return
+        keep = []
+        for c in connections:
+            problem = _definition_problem(c)
+            if problem is None:
+                keep.append(c)
+            else:
+                unreadable[c.topic] = problem
+        connections[:] = keep
+
+    sub_reader.open = open_and_filter
 
 
 def _metadata_distro(path: Path) -> str | None:

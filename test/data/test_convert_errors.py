@@ -164,3 +164,51 @@ def test_bags_before_a_failing_bag_stay_committed(tmp_path, setup, capsys) -> No
     from q_transformer_ros.core.dataset import ReplayDataset
 
     assert {ReplayDataset(out).episode(i).metadata["bag_name"] for i in range(2)} == {"good", "first"}
+
+
+SERVICE_EVENT_SCHEMAS = {
+    # what rosbag2's C++ MCAP writer stores for service-event topics (rosbags cannot parse either form)
+    "/robot/reset/_service_event": ("test_msgs/srv/BasicTypes_Event",
+                                    "MSG: test_msgs/srv/BasicTypes_Event\nservice_msgs/ServiceEventInfo info\n"
+                                    "test_msgs/srv/BasicTypes_Request[<=1] request\n"
+                                    "test_msgs/srv/BasicTypes_Response[<=1] response\n"),
+    "/robot/add/_service_event": ("example_interfaces/srv/AddTwoInts_Event",
+                                  "=" * 80 + "\nSRV: example_interfaces/srv/AddTwoInts\nint64 a\nint64 b\n---\n"
+                                  "int64 sum\n"),
+}
+
+
+def test_mcap_with_service_event_topics_converts(tmp_path, setup, capsys) -> None:
+    """Topics the contract does not name never stop a bag: service-event schemas rosbags cannot parse."""
+    from rosbags.rosbag2 import StoragePlugin, Writer
+
+    from bag_factory import TS
+    from q_transformer_ros.core.dataset import ReplayDataset
+
+    contract, out = setup
+    script = make_episode(seed=120, duration=1.0)
+    path = tmp_path / "with_services"
+    with Writer(path, version=9, storage_plugin=StoragePlugin.MCAP) as w:
+        conns = {}
+        for topic, msgtype, _, _ in script.msgs:
+            if topic not in conns:
+                conns[topic] = w.add_connection(topic, msgtype, typestore=TS)
+        events = {topic: w.add_connection(topic, msgtype, msgdef=text, rihs01="RIHS01_" + "0" * 64)
+                  for topic, (msgtype, text) in SERVICE_EVENT_SCHEMAS.items()}
+        for topic, _, t, msg in sorted(script.msgs, key=lambda m: m[2]):
+            w.write(conns[topic], t, TS.serialize_cdr(msg, msg.__msgtype__))
+            if topic == "/cmd":
+                for conn in events.values():
+                    w.write(conn, t + 1, b"\x00\x01\x00\x00" + bytes(40))
+    assert main([str(path), "--out", str(out), "--contract", str(contract), "--no-progress"]) == 0, \
+        capsys.readouterr().err
+    assert ReplayDataset(out).num_episodes == 2  # the setup's bag and this one
+
+
+def test_unsupported_serialization_format_says_so(tmp_path, setup, capsys) -> None:
+    contract, out = setup
+    bag = make_episode(seed=121, duration=1.0).write(tmp_path / "json_bag", storage="sqlite3")
+    meta = bag / "metadata.yaml"
+    meta.write_text(meta.read_text().replace("serialization_format: cdr", "serialization_format: json"))
+    err = fails([bag], contract, out, capsys, str(bag), "unsupported serialization format", "json")
+    assert "truncated, corrupt" not in err
