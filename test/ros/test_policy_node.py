@@ -520,6 +520,13 @@ def test_node_loads_checkpoint_parameter(tmp_path) -> None:
         node.destroy_node()
     with pytest.raises(Exception, match="missing.pt"):
         PolicyNode(parameter_overrides=[Parameter("checkpoint", value=str(tmp_path / "missing.pt"))])
+    from q_transformer_ros.core.checkpoint import CheckpointError  # noqa: PLC0415
+
+    data = bytearray(ckpt.read_bytes())  # 64 bytes flipped in the middle: the node refuses it by name
+    data[len(data) // 2: len(data) // 2 + 64] = bytes(b ^ 0xFF for b in data[len(data) // 2: len(data) // 2 + 64])
+    ckpt.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"{ckpt}: corrupt"):
+        PolicyNode(parameter_overrides=[Parameter("checkpoint", value=str(ckpt)), Parameter("device", value="cpu")])
 
 
 def test_warmup_runs_on_the_inference_thread_and_compile_mode_is_checked(policies) -> None:
