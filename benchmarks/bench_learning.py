@@ -70,6 +70,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--model-preset", default="tiny", choices=("tiny", "small", "base"))
     p.add_argument("--eval-episodes", type=int, default=10, help="closed-loop episodes per task (held-out seeds)")
     p.add_argument("--ablations", nargs="*", default=[], choices=("no_conservative", "no_mc_bound"))
+    p.add_argument("--no-bc", action="store_true", help="train and evaluate the Q-Transformer variants only")
+    p.add_argument("--failures", choices=("terminal", "truncated"), default="terminal",
+                   help="how episodes that end without success are stored: terminal (a failure verdict: value 0, "
+                        "no bootstrap; what convert_bag stores for an episode that ends on a False success "
+                        "message) or truncated (a time-limit cut that bootstraps; the old default)")
     p.add_argument("--contract", default=None, help="contract YAML (default config/contract_ee_arm.yaml)")
     p.add_argument("--image-size", type=int, default=None,
                    help="camera size (a multiple of 16); default: the contract's (64)")
@@ -92,7 +97,8 @@ def collect(args: argparse.Namespace, contract, dataset: Path) -> list[EpisodeRe
     from q_transformer_ros.sim.agent_env import MetaWorldEnvironment
 
     log = dataset.parent / "data_episodes.jsonl"
-    key = json.dumps([args.tasks, args.episodes_per_task, args.noise_levels, args.max_episode_steps, contract.fingerprint()])
+    key = json.dumps([args.tasks, args.episodes_per_task, args.noise_levels, args.max_episode_steps, contract.fingerprint(),
+                      args.failures])
     if (dataset / "manifest.json").exists() and (dataset.parent / "data_key.json").exists() \
             and (dataset.parent / "data_key.json").read_text() == key:
         return read_records(log)
@@ -122,7 +128,8 @@ def collect(args: argparse.Namespace, contract, dataset: Path) -> list[EpisodeRe
                         break
                 writer.add_episode(EpisodeData(
                     frames={c: np.stack(v) for c, v in frames.items()}, actions=np.stack(actions).astype(np.float32),
-                    success=success, instruction=instruction, source_id=f"bench:{task}:seed{seed}:noise{noise:g}"))
+                    success=success, terminal=success or args.failures == "terminal", instruction=instruction,
+                    source_id=f"bench:{task}:seed{seed}:noise{noise:g}"))
                 records.append(EpisodeRecord(task=task, seed=seed, success=success, steps=len(actions), noise=noise))
                 bar.set_postfix(task=task, success=f"{sum(r.success for r in records)}/{len(records)}")
                 bar.update(1)
@@ -214,7 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.image_size:  # the same derived contract the demo writes
         contract_path = DemoConfig(out=out, contract=contract_path, image_size=args.image_size).run_contract()
     contract = load_contract(contract_path)
-    key = json.dumps({k: v for k, v in vars(args).items() if k not in ("force", "eval_episodes", "ablations", "out")})
+    key = json.dumps({k: v for k, v in vars(args).items()
+                      if k not in ("force", "eval_episodes", "ablations", "out", "no_bc")})
     if (out / "run_key.json").exists() and (out / "run_key.json").read_text() != key:
         for variant in VARIANTS:  # other knobs: models and evaluations are stale (the data cache checks itself)
             shutil.rmtree(out / variant, ignore_errors=True)
@@ -224,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.monotonic()
     data = collect(args, contract, out / "dataset")
     timings["collect"] = time.monotonic() - t0
-    names = ["QT", "BC"] + [f"QT-{a}" for a in args.ablations]
+    names = ["QT"] + ([] if args.no_bc else ["BC"]) + [f"QT-{a}" for a in args.ablations]
     evals: dict[str, list[EpisodeRecord]] = {}
     for name in names:
         t0 = time.monotonic()
