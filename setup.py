@@ -59,7 +59,8 @@ setup(
         "rosbags>=0.10",
         "rosbags-image>=0.10",
     ],
-    extras_require={"sim": ["metaworld==3.1.1", "imageio"], "test": ["pytest", "pytest-timeout"]},
+    extras_require={"sim": ["metaworld==3.1.1", "imageio"], "test": ["pytest", "pytest-timeout"],
+                    "serve": ["onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18"]},
     entry_points={
         "console_scripts": [
             # Same names as `ros2 run q_transformer_ros <name>` (lib/q_transformer_ros/ on the colcon path).

@@ -9,7 +9,10 @@ Rows per model size (``--configs``):
   ours decide only    ``decide()`` on a full token cache (history transformer + KV-cached head).
 With ``--compile MODE`` the three rows of ours are measured again on a policy whose streaming steps are
 compiled (``compile_mode``; ``act`` then runs the compiled steps one time step at a time); the compile
-time (the policy's ``warmup``) is printed under the table.
+time (the policy's ``warmup``) is printed under the table. With ``--onnx`` they are measured again with
+the streaming steps exported to ONNX and run by onnxruntime (``backend='onnxruntime'``; ``act`` stays on
+torch); the export time is printed under the table. ``--repeats N`` measures every row of ours N times
+(a fresh policy each time) and prints the median p50 with its range (min-max over the runs).
 Ratios are ours p50 / reference p50 (targets, issue 6: streaming <= 1/6 on CPU; issue 2: full <= 1/3).
 
 The reference runs in .venv-bench (``scripts/setup_bench_env.sh``) via ``reference_worker.py``; without that
@@ -39,7 +42,7 @@ QUICK_ITERS = (1, 3)
 
 
 def measure_ours(arch: common.BenchArch, warmup: int, iters: int, device: str, seed: int,
-                 compile_mode: str = "off") -> dict[str, Any]:
+                 compile_mode: str = "off", onnx_dir: Path | None = None) -> dict[str, Any]:
     import time
 
     import numpy as np
@@ -54,6 +57,10 @@ def measure_ours(arch: common.BenchArch, warmup: int, iters: int, device: str, s
     video = _ours.random_frames(arch, arch.frames, rng)
     stream = _ours.random_frames(arch, arch.frames + 8, rng)
     out: dict[str, Any] = dict(params=common.count_params(policy.net))
+    if onnx_dir is not None:  # export (timed), then run the streaming steps in onnxruntime
+        t0 = time.perf_counter()
+        policy.use_onnx(onnx_dir / f"{arch.name}.pt", reexport=True)
+        out["export_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     policy.warmup()  # what the node does at start; compiles the steps when compile_mode is set
     out["warmup_s"] = time.perf_counter() - t0
@@ -93,6 +100,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", default="off", metavar="MODE",
                    help="also measure ours with the streaming steps compiled in this torch.compile mode "
                         "(default, reduce-overhead, max-autotune, ...; 'off' = eager only)")
+    p.add_argument("--onnx", action="store_true", help="also measure ours with the streaming steps in onnxruntime")
+    p.add_argument("--repeats", type=int, default=1, help="runs of each row of ours (median p50 and its range)")
     p.add_argument("--device", default="cpu", help="device for ours ('cpu', 'cuda'); the reference runs on CPU")
     p.add_argument("--no-reference", action="store_true", help="skip the reference even if .venv-bench exists")
     p.add_argument("--no-ours", action="store_true", help="only the reference (e.g. before our core exists)")
@@ -128,29 +137,45 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ref_stats = common.TimingStats.from_dict(ref["stats"])
                 res["reference"] = ref
                 rows.append([label, "reference full (get_optimal_actions)", ref["params"] / 1e6, ref_stats.n,
-                             ref_stats.p50_ms, ref_stats.p99_ms, ref_stats.cpu_p50_ms, 1.0])
+                             ref_stats.p50_ms, "-", ref_stats.p99_ms, ref_stats.cpu_p50_ms, 1.0])
             except common.ReferenceUnavailable as e:
                 print(f"reference: {e}")
-        modes = ["off"] + ([args.compile] if args.compile != "off" else [])
+        modes = ["off"] + ([args.compile] if args.compile != "off" else []) + (["onnxruntime"] if args.onnx else [])
         for mode in modes if not ours_reason else []:
-            ours = measure_ours(arch, warm, ours_iters, args.device, args.seed, compile_mode=mode)
-            res["ours" if mode == "off" else f"ours_compiled_{mode}"] = {
-                k: (v.to_dict() if isinstance(v, common.TimingStats) else v) for k, v in ours.items()}
-            tag = "" if mode == "off" else f", compiled '{mode}'"
+            import tempfile
+
+            runs = []
+            for _ in range(max(1, args.repeats)):
+                with tempfile.TemporaryDirectory() as tmp:
+                    runs.append(measure_ours(arch, warm, ours_iters, args.device, args.seed,
+                                             compile_mode=mode if mode != "onnxruntime" else "off",
+                                             onnx_dir=Path(tmp) if mode == "onnxruntime" else None))
+            ours = runs[0]
+            res["ours" if mode == "off" else f"ours_{mode}"] = [
+                {k: (v.to_dict() if isinstance(v, common.TimingStats) else v) for k, v in r.items()} for r in runs]
+            tag = {"off": "", "onnxruntime": ", onnxruntime"}.get(mode, f", compiled '{mode}'")
             for key, name in (("full", "ours full (act)"), ("streaming", "ours streaming (push_frames+decide)"),
                               ("decide", "ours decide only (cached tokens)")):
-                st: common.TimingStats = ours[key]
+                p50s = sorted(r[key].p50_ms for r in runs)
+                med = p50s[len(p50s) // 2] if len(p50s) % 2 else 0.5 * (p50s[len(p50s) // 2 - 1] + p50s[len(p50s) // 2])
+                st: common.TimingStats = min(runs, key=lambda r: abs(r[key].p50_ms - med))[key]
+                spread = f"{p50s[0]:.2f}-{p50s[-1]:.2f}" if len(runs) > 1 else "-"
                 rows.append([label, name.replace(")", f"{tag})", 1) if tag else name, ours["params"] / 1e6, st.n,
-                             st.p50_ms, st.p99_ms, st.cpu_p50_ms, common.ratio(st.p50_ms, ref_stats.p50_ms if ref_stats else None)])
-            if mode != "off":
+                             med, spread, st.p99_ms, st.cpu_p50_ms, common.ratio(med, ref_stats.p50_ms if ref_stats else None)])
+            if mode == "onnxruntime":
+                exports = sorted(r["export_s"] for r in runs)
+                notes.append(f"{arch.name}: ONNX export of both steps took {exports[len(exports) // 2]:.1f} s "
+                             f"(range {exports[0]:.1f}-{exports[-1]:.1f}), then warm-up "
+                             f"{sorted(r['warmup_s'] for r in runs)[len(runs) // 2]:.2f} s")
+            elif mode != "off":
                 notes.append(f"{arch.name}: warm-up with compile mode '{mode}' (compiles both steps) took {ours['warmup_s']:.1f} s")
-            if not ours["streaming_matches_full"]:
+            if not all(r["streaming_matches_full"] for r in runs):
                 print(f"WARNING: {arch.name}{tag}: streaming bins differ from full recomputation on the same frames")
         results[arch.name] = res
 
     print()
-    common.print_table(["config", "path", "params M", "n", "p50 ms", "p99 ms", "cpu p50 ms", "p50 / reference"],
-                       rows, digits=2)
+    common.print_table(["config", "path", "params M", "n", "p50 ms", "p50 range", "p99 ms", "cpu p50 ms",
+                        "p50 / reference"], rows, digits=2)
     print("\nratio = ours p50 / reference p50 (targets: streaming <= 0.17, full <= 0.33). cpu p50 = process CPU "
           "time per decision (all threads), less sensitive to other load on the machine than wall time.")
     for note in notes:

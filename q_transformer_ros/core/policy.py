@@ -91,6 +91,9 @@ def check_model_matches_contract(cfg: ModelConfig, contract: RobotContract, wher
         raise PolicyInputError(f"{where}: model config does not match contract '{contract.name}': " + "; ".join(problems))
 
 
+BACKENDS = ("torch", "onnxruntime")
+
+
 class QTransformerPolicy:
     """Wraps a QTransformerNet for one robot contract: input checks, instruction embedding, streaming
     frame cache, decoding, bins -> continuous actions."""
@@ -141,8 +144,18 @@ class QTransformerPolicy:
         loader: Callable[..., dict[str, Any]] = load_checkpoint_file,
         use_bf16: bool = True,
         compile_mode: str = "off",
+        backend: str = "torch",
+        onnx_providers: Sequence[str] = ("CPUExecutionProvider",),
+        reexport: bool = False,
     ) -> "QTransformerPolicy":
-        """Rebuild contract, network, instruction cache and (lazy) text encoder from a checkpoint."""
+        """Rebuild contract, network, instruction cache and (lazy) text encoder from a checkpoint.
+
+        ``backend``: "torch" (eager or ``compile_mode``) or "onnxruntime": the two streaming steps run
+        from ONNX files next to the checkpoint (``core.onnx_backend``), exported now when missing, stale
+        (another checkpoint payload) or ``reexport``; ``onnx_providers`` e.g. ("CUDAExecutionProvider",
+        "CPUExecutionProvider"). Beam search, ``act`` and instruction scoring stay on torch."""
+        if backend not in BACKENDS:
+            raise PolicyInputError(f"backend {backend!r}: choose one of {BACKENDS}")
         where = str(path)
         ckpt = loader(path, map_location="cpu")
         for key in ("contract", "model_config", "model"):
@@ -171,8 +184,32 @@ class QTransformerPolicy:
                     f"{None if vectors is None else tuple(vectors.shape)}"
                 )
             cache = {t: vectors[i] for i, t in enumerate(texts)}
-        return cls(contract, net, text_encoder, device, cache, objective=str(ckpt.get("objective", "q_learning")), use_bf16=use_bf16,
-                   compile_mode=compile_mode)
+        policy = cls(contract, net, text_encoder, device, cache, objective=str(ckpt.get("objective", "q_learning")),
+                     use_bf16=use_bf16, compile_mode=compile_mode)
+        if backend == "onnxruntime":
+            policy.use_onnx(path, ckpt.get("payload_sha256", ""), onnx_providers, reexport=reexport)
+        return policy
+
+    def use_onnx(self, checkpoint: str | Path, checkpoint_digest: str = "",
+                 providers: Sequence[str] = ("CPUExecutionProvider",), reexport: bool = False) -> None:
+        """Run the streaming steps with onnxruntime from the ONNX files next to ``checkpoint`` (exported
+        first when missing or made from another checkpoint payload)."""
+        from q_transformer_ros.core.onnx_backend import OnnxSteps, check_providers, export_onnx, onnx_paths, read_metadata
+
+        providers = check_providers(providers)  # before any export work: a missing provider is the user's first error
+        files = onnx_paths(checkpoint)
+        fresh = files.encode.is_file() and files.decide.is_file() and not reexport
+        if fresh and checkpoint_digest:
+            fresh = all(read_metadata(f).get("checkpoint_payload_sha256") == checkpoint_digest
+                        for f in (files.encode, files.decide))
+        if not fresh:
+            export_onnx(self, files, checkpoint_digest)
+        self.steps = OnnxSteps(files, providers)
+
+    @property
+    def backend(self) -> str:
+        """"torch" or "onnxruntime": what runs the streaming steps."""
+        return "onnxruntime" if getattr(self.steps, "mode", "") == "onnxruntime" else "torch"
 
     def set_compile_mode(self, mode: str) -> None:
         """Switch the streaming steps to another compile mode (see ``decision_steps.COMPILE_MODES``); a

@@ -168,6 +168,11 @@ class _PolicyCore:
         d("use_header_stamps", True, "Frame age from the image header stamp (capture time); false = from the "
                                      "arrival time at this node.")
         d("warmup", True, "Run the model once at start so the first command is not slow.")
+        d("backend", "torch", "What runs the streaming steps: 'torch' (eager, or compile_mode) or 'onnxruntime' "
+                              "(ONNX files next to the checkpoint, exported at start when missing or stale).")
+        d("onnx_providers", ["CPUExecutionProvider"], "onnxruntime execution providers in order of preference, "
+                                                       "e.g. ['TensorrtExecutionProvider', 'CUDAExecutionProvider', "
+                                                       "'CPUExecutionProvider'] (backend 'onnxruntime').")
         d("max_instruction_chars", MAX_INSTRUCTION_CHARS, "Longer instructions are rejected with a warning (the "
                                                           "node does not command until a valid one arrives).")
         # dynamic typing: on the command line "compile_mode:=off" arrives as the YAML 1.1 boolean false
@@ -209,8 +214,10 @@ class _PolicyCore:
                 raise ValueError(f"node '{self.get_name()}': parameter 'checkpoint' is empty; give a checkpoint file")
             from q_transformer_ros.core.policy import QTransformerPolicy  # torch import only when needed
 
-            self.get_logger().info(f"loading checkpoint {checkpoint} on device '{p('device')}'")
-            policy = QTransformerPolicy.from_checkpoint(checkpoint, device=p("device"))
+            backend = p("backend")
+            self.get_logger().info(f"loading checkpoint {checkpoint} on device '{p('device')}', backend '{backend}'")
+            policy = QTransformerPolicy.from_checkpoint(checkpoint, device=p("device"), backend=backend,
+                                                        onnx_providers=tuple(p("onnx_providers") or ()))
         self.policy = policy
         compile_mode = _compile_mode_param(p("compile_mode"))
         if compile_mode not in ("off", self._compile_mode()):  # a policy passed in compiled stays compiled

@@ -529,6 +529,21 @@ def test_node_loads_checkpoint_parameter(tmp_path) -> None:
         PolicyNode(parameter_overrides=[Parameter("checkpoint", value=str(ckpt)), Parameter("device", value="cpu")])
 
 
+def test_node_runs_the_onnxruntime_backend(tmp_path) -> None:
+    pytest.importorskip("onnxruntime")
+    ckpt = make_tiny_checkpoint(ee_contract(), tmp_path / "model.pt")
+    node = PolicyNode(parameter_overrides=[Parameter("checkpoint", value=str(ckpt)), Parameter("device", value="cpu"),
+                                           Parameter("backend", value="onnxruntime")])
+    try:
+        assert node.policy.backend == "onnxruntime" and (tmp_path / "model.decide.onnx").is_file()
+    finally:
+        node.destroy_node()
+    with pytest.raises(Exception, match="CUDAExecutionProvider.*not available"):
+        PolicyNode(parameter_overrides=[Parameter("checkpoint", value=str(ckpt)), Parameter("device", value="cpu"),
+                                        Parameter("backend", value="onnxruntime"),
+                                        Parameter("onnx_providers", value=["CUDAExecutionProvider"])])
+
+
 def test_warmup_runs_on_the_inference_thread_and_compile_mode_is_checked(policies) -> None:
     """Warm-up (where compiled steps compile and CUDA graphs are recorded, per thread) runs on the
     thread that later runs every step; a bad ``compile_mode`` fails setup with the choices named."""
