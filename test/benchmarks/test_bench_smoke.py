@@ -41,14 +41,20 @@ def test_percentile_and_ratio_helpers() -> None:
 
 
 def test_decision_latency_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    data, text = _run(bench_decision_latency, ["--quick"], tmp_path, capsys)
-    ours = data["results"]["small"]["ours"]
-    for key in ("full", "streaming", "decide"):
-        assert ours[key]["n"] == 3 and len(ours[key]["samples_ms"]) == 3
-        assert 0 < ours[key]["min_ms"] <= ours[key]["p50_ms"] <= ours[key]["p99_ms"]
-    assert ours["streaming_matches_full"] is True
-    assert ours["params"] > 100_000
+    pytest.importorskip("onnxruntime")
+    data, text = _run(bench_decision_latency, ["--quick", "--onnx", "--repeats", "2"], tmp_path, capsys)
+    for variant in ("ours", "ours_onnxruntime"):
+        runs = data["results"]["small"][variant]
+        assert len(runs) == 2
+        for ours in runs:
+            for key in ("full", "streaming", "decide"):
+                assert ours[key]["n"] == 3 and len(ours[key]["samples_ms"]) == 3
+                assert 0 < ours[key]["min_ms"] <= ours[key]["p50_ms"] <= ours[key]["p99_ms"]
+            assert ours["streaming_matches_full"] is True
+            assert ours["params"] > 100_000
+    assert data["results"]["small"]["ours_onnxruntime"][0]["export_s"] > 0
     assert "ours streaming (push_frames+decide)" in text
+    assert "ours streaming (push_frames+decide, onnxruntime)" in text and "ONNX export of both steps" in text
     assert "reference" not in data["results"]["small"]
 
 

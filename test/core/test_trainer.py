@@ -308,7 +308,6 @@ def test_two_trainers_on_one_out_the_second_is_refused(tmp_path, capsys):
 def test_kill_during_a_later_checkpoint_write_keeps_the_previous_one(tmp_path):
     """SIGKILL in the middle of writing the second checkpoint (a real process, killed for real): the first
     checkpoint.pt stays intact, the rerun removes the half-written temp file and resumes from it."""
-    import os
     import subprocess
     import sys
 
