@@ -141,7 +141,7 @@ class RobotContract:
     frame_history: int = 4
     """Number of most recent frames (per camera) the model sees."""
     control_rate_hz: float = 10.0
-    """Rate of the step clock: the converter samples bags at it and the node acts at it."""
+    """Decision rate: the step camera's frames are thinned to it, in bags (converter) and live (node)."""
     instruction: InstructionSpec = field(default_factory=InstructionSpec)
     success: SuccessSpec = field(default_factory=SuccessSpec)
     discount: float = 0.98

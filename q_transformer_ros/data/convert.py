@@ -432,7 +432,9 @@ def plan_span(span: Span, label: Label, small: SmallTopics, cfg: ConvertConfig, 
         dropped[f"no frame from the step camera '{c.cameras[0].name}' in the episode"] += n_nominal
         return _empty_plan()
     plan = plan_steps(frames, small.command_ns, period_ns, span.end_ns, max_gap_ns=int(cfg.frame_age_limit_s * NS))
-    if plan.cut:
+    if plan.cut and len(plan.decision_ns) == 0:
+        dropped["no command answered any frame of the episode"] += plan.cut
+    elif plan.cut:
         end = "the success message" if span.ended_by_success else "the end of the episode"
         dropped[f"final observation: no command answered it before {end}"] += plan.cut
     return plan
