@@ -93,6 +93,7 @@ class StepReport:
     """What one step did, for the node's Decision message and for tests."""
 
     time_ns: int
+    """When the step started (the decision moment's step; a stop: when it was decided)."""
     frames: dict[str, Frame]
     instruction: str | None
     commanded: bool
@@ -387,7 +388,7 @@ class ControlLoop:
             return self._stop_report(self._clock_ns(), frames, instruction, f"error: {type(e).__name__}: {e}")
         self._stopped = False
         self.counters.decisions += 1
-        return self._emit(StepReport(published, frames, instruction, commanded=True, decision=result))
+        return self._emit(StepReport(now, frames, instruction, commanded=True, decision=result))
 
     def _decide(self, images: dict[str, np.ndarray]) -> Any:
         self.policy.push_frames(images)
