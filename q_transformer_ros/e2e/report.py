@@ -100,6 +100,40 @@ def summarize(data: Sequence[EpisodeRecord], evals: dict[str, Sequence[EpisodeRe
     return rows
 
 
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a success rate (95 % for z = 1.96); (NaN, NaN) without episodes.
+
+    Why Wilson: with 3-10 episodes per task the normal approximation gives intervals outside [0, 1]
+    and a zero width at 0 % or 100 %; Wilson's stays inside and honest (0/10 -> 0-28 %)."""
+    if n <= 0:
+        return math.nan, math.nan
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def value_auroc(values: Sequence[float], successes: Sequence[bool]) -> float:
+    """Area under the ROC curve of the predicted value for success vs failure (ties count half): the
+    chance that a random successful episode got a higher value than a random failed one. NaN when
+    either class is missing (values that are NaN are dropped)."""
+    pairs = [(float(v), bool(s)) for v, s in zip(values, successes) if not math.isnan(float(v))]
+    pos = [v for v, s in pairs if s]
+    neg = [v for v, s in pairs if not s]
+    if not pos or not neg:
+        return math.nan
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return float(wins / (len(pos) * len(neg)))
+
+
+def _interval(rate: float, n: int) -> str:
+    if n <= 0 or math.isnan(rate):
+        return "       "
+    lo, hi = wilson_interval(round(rate * n), n)
+    return f"[{100 * lo:2.0f}-{100 * hi:3.0f}]"
+
+
 def _pct(x: float) -> str:
     return "   -" if math.isnan(x) else f"{100 * x:3.0f}%"
 
@@ -109,12 +143,13 @@ def _val(x: float) -> str:
 
 
 def format_table(rows: Sequence[TaskRow]) -> str:
-    """Plain-text table: data success, closed-loop success per policy, value on success vs failure."""
+    """Plain-text table: data success, closed-loop success per policy with its Wilson 95 % interval,
+    value on success vs failure."""
     policies = list(rows[0].eval_success) if rows else []
     width = max([len(r.task) for r in rows] + [8])
     head = f"{'task':<{width}}  {'data':>10}"
     for p in policies:
-        head += f"  {p + ' closed loop':>16}"
+        head += f"  {p + ' closed loop [95% CI]':>24}"
     head += f"  {'V|success':>9}  {'V|failure':>9}"
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -122,7 +157,7 @@ def format_table(rows: Sequence[TaskRow]) -> str:
             lines.append("-" * len(head))
         line = f"{r.task:<{width}}  {_pct(r.data_success):>5} n={r.data_episodes:<3}"
         for p in policies:
-            line += f"  {_pct(r.eval_success[p]):>10} n={r.eval_episodes[p]:<3}"
+            line += f"  {_pct(r.eval_success[p]):>10} {_interval(r.eval_success[p], r.eval_episodes[p])} n={r.eval_episodes[p]:<3}"
         line += f"  {_val(r.value_success):>9}  {_val(r.value_failure):>9}"
         lines.append(line)
     return "\n".join(lines)
@@ -147,6 +182,9 @@ def format_calibration(values: Sequence[float], successes: Sequence[bool], bins:
     lines = ["predicted value   episodes   observed success"]
     for lo, hi, n, rate in calibration_bins(values, successes, bins):
         lines.append(f"[{lo:.1f}, {hi:.1f}{']' if hi >= 1 else ')'}      {n:>8}   {_pct(rate):>16}")
+    auroc = value_auroc(values, successes)
+    lines.append("value AUROC (success vs failure): " + ("- (needs both successes and failures)"
+                                                          if math.isnan(auroc) else f"{auroc:.2f}"))
     return "\n".join(lines)
 
 

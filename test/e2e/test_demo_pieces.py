@@ -59,7 +59,21 @@ def test_summary_table_from_known_inputs() -> None:
     row_a = next(ln for ln in lines if ln.startswith("a "))
     assert " 50% n=4" in row_a and "0.700" in row_a and "0.200" in row_a
     row_all = next(ln for ln in lines if ln.startswith("overall"))
-    assert " 60% n=5" in row_all and " 25% n=4" in row_all
+    assert " 60% n=5" in row_all and " 25% [ 5- 70] n=4" in row_all  # 1 of 4: Wilson 95 % 4.6-69.9 %
+
+
+def test_wilson_interval_and_value_auroc() -> None:
+    from q_transformer_ros.e2e.report import value_auroc, wilson_interval
+
+    lo, hi = wilson_interval(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-3)
+    lo, hi = wilson_interval(3, 10)
+    assert (lo, hi) == (pytest.approx(0.1078, abs=1e-3), pytest.approx(0.6032, abs=1e-3))
+    assert all(math.isnan(x) for x in wilson_interval(0, 0))
+    assert value_auroc([0.9, 0.8, 0.1, 0.2], [True, True, False, False]) == 1.0
+    assert value_auroc([0.1, 0.2, 0.9, 0.8], [True, True, False, False]) == 0.0
+    assert value_auroc([0.5, 0.5], [True, False]) == 0.5
+    assert math.isnan(value_auroc([0.5, float("nan")], [True, False]))
 
 
 def test_calibration_bins() -> None:
