@@ -35,6 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from q_transformer_ros.config_io import dataclass_from_dict
+from q_transformer_ros.core.augment import random_shift
 from q_transformer_ros.core.checkpoint import (
     CHECKPOINT_NAME, CheckpointError, load_checkpoint, remove_stale_temp_files, rng_state, save_checkpoint,
     set_rng_state,
@@ -97,6 +98,9 @@ class TrainConfig:
     """Max global gradient norm (0 = no clipping; the norm is still logged)."""
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step."""
+    augment_shift_px: int = 0
+    """DrQ random-shift augmentation of training images by up to this many pixels (edges replicated;
+    the current and the next observation shifted independently); 0 = off. 4 is DrQ's for 84 px images."""
     bf16: bool = True
     """bf16 autocast for forward passes on CUDA (ignored on CPU, where fp32 is used)."""
     steps: int = 1000
@@ -138,7 +142,7 @@ class TrainConfig:
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise self._bad(key, "must be an integer >= 1")
-        for key in ("warmup_steps", "num_workers", "seed"):
+        for key in ("warmup_steps", "num_workers", "seed", "augment_shift_px"):
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise self._bad(key, "must be an integer >= 0")
@@ -588,6 +592,10 @@ def _train(cfg: TrainConfig, info: DistInfo, ModelConfig: Any, QTransformerNet: 
                 batch = next(it)
                 consumed += 1
                 batch = {k: batch[k].to(device, non_blocking=True) for k in TRAIN_KEYS if k in batch}
+                if cfg.augment_shift_px > 0:
+                    for key in ("frames", "next_frames"):
+                        if key in batch:
+                            batch[key] = random_shift(batch[key], cfg.augment_shift_px)
                 sync = info.enabled and micro < cfg.grad_accum - 1
                 with (ddp_model.no_sync() if sync else nullcontext()):
                     with autocast:
