@@ -71,6 +71,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-episodes", type=int, default=10, help="closed-loop episodes per task (held-out seeds)")
     p.add_argument("--ablations", nargs="*", default=[], choices=("no_conservative", "no_mc_bound"))
     p.add_argument("--no-bc", action="store_true", help="train and evaluate the Q-Transformer variants only")
+    p.add_argument("--augment-shift-px", type=int, default=0,
+                   help="DrQ random-shift augmentation in training, pixels (0 = off), for every variant")
     p.add_argument("--failures", choices=("terminal", "truncated"), default="terminal",
                    help="how episodes that end without success are stored: terminal (a failure verdict: value 0, "
                         "no bootstrap; what convert_bag stores for an episode that ends on a False success "
@@ -157,7 +159,8 @@ def train_variant(args: argparse.Namespace, name: str, dataset: Path, out: Path)
             "--batch-size", str(args.batch_size), "--model-preset", args.model_preset, "--device", args.device,
             "--seed", str(args.seed), "--checkpoint-every", str(max(100, args.train_steps // 5)),
             "--set", f"warmup_steps={min(200, max(1, args.train_steps // 10))}",
-            "--set", "text_encoder.text_overrides={width: 128, layers: 2, heads: 2}", *VARIANTS[name]]
+            "--set", "text_encoder.text_overrides={width: 128, layers: 2, heads: 2}",
+            "--set", f"augment_shift_px={args.augment_shift_px}", *VARIANTS[name]]
     t0 = time.monotonic()
     if train_main(argv) != 0:
         raise SystemExit(f"bench_learning: training {name} failed (see above); output {out}")
