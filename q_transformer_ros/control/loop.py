@@ -450,8 +450,8 @@ class ControlLoop:
 
 
 class _Embedder:
-    """Embeds instructions on its own thread (latest request wins), so the control path never builds
-    the text model or tokenises; ``is_ready`` says whether an instruction needs no work."""
+    """Embeds instructions on its own thread, in order, so the control path never builds the text
+    model or tokenises; ``is_ready`` says whether an instruction needs no work."""
 
     def __init__(self, policy: Any, done: Callable[[str, str | None], None], log: Log) -> None:
         self.policy = policy
@@ -472,11 +472,12 @@ class _Embedder:
 
     def _run(self) -> None:
         while True:
-            text = self._queue.get()
-            while not self._queue.empty():  # only the newest request matters
-                text = self._queue.get()
+            text = self._queue.get()  # every request (scoring candidates too); a superseded one is ignored on arrival
             if text is None:
                 return
+            if self.is_ready(text):
+                self.done(text, None)
+                continue
             try:
                 self.policy.embed_instruction(text)
                 error = None

@@ -325,3 +325,15 @@ def test_random_inputs_never_give_a_command_from_stale_or_non_finite_inputs() ->
                 assert all(t - f.stamp_ns <= 0.3 * S for f in frames.values())
                 assert t - joint_t <= 0.3 * S or bad
     assert rig.loop.counters.decisions > 100 and rig.loop.counters.stops > 10
+
+
+def test_every_background_embedding_request_is_served() -> None:
+    """Scoring hands several unknown candidates at once: each is embedded (none is dropped as superseded)."""
+    rig = make_rig()
+    for text in ("stack the cups", "wipe the table", "open the lid"):
+        rig.loop.embed_in_background(text)
+    deadline = time.monotonic() + 5
+    while not {"stack the cups", "wipe the table", "open the lid"} <= rig.policy.known and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert {"stack the cups", "wipe the table", "open the lid"} <= rig.policy.known
+    rig.loop.close()
