@@ -85,3 +85,14 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         f"RMW_IMPLEMENTATION={os.environ.get('RMW_IMPLEMENTATION')} MUJOCO_GL={os.environ.get('MUJOCO_GL')}"
         f" python={sys.executable} ({sysconfig.get_python_version()})",
     ]
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models are op-overhead bound: one intra-op torch thread is faster and immune to a busy machine."""
+    import torch  # noqa: PLC0415
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -10,8 +10,9 @@ import ctypes
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(os.environ.get("QTR_VENV", REPO_ROOT / ".venv"))
@@ -97,3 +98,38 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 8.0, what: str = "c
             return
         time.sleep(0.02)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@contextmanager
+def ros_domain(domain_id: int) -> Iterator[None]:
+    """rclpy initialised on a test file's own DDS domain, localhost only; the environment restored after.
+
+    Set right before rclpy.init: other test modules may change os.environ at import."""
+    import rclpy  # noqa: PLC0415 - only the DDS tests need it
+
+    saved = {k: os.environ.get(k) for k in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE")}
+    os.environ["ROS_DOMAIN_ID"] = str(domain_id)
+    os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+    rclpy.init(domain_id=domain_id)
+    try:
+        yield
+    finally:
+        rclpy.try_shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def call_trigger(executor: Any, client: Any, timeout: float = 10.0) -> Any:
+    """Call a std_srvs/Trigger service, spinning ``executor`` until the answer (fails naming the service)."""
+    from std_srvs.srv import Trigger  # noqa: PLC0415
+
+    assert client.wait_for_service(timeout_sec=timeout), f"service {client.srv_name} not available"
+    future = client.call_async(Trigger.Request())
+    end = time.monotonic() + timeout
+    while not future.done() and time.monotonic() < end:
+        executor.spin_once(timeout_sec=0.01)
+    assert future.done(), f"no answer from {client.srv_name}"
+    return future.result()

@@ -333,13 +333,17 @@ class QTransformerPolicy:
                 bins, q, all_q = self.net.decode(state, beam_width=beam_width)
         return self._decision(bins, q, all_q, start)
 
+    def _history_video(self) -> Tensor:
+        """The kept frames, padded to ``frame_history``, as one batch ``(1, c, f, 3, h, w)``."""
+        return rearrange(torch.stack(self._padded(self._frames)), "f c ch h w -> 1 c f ch h w")
+
     @torch.inference_mode()
     def decide_full(self, beam_width: int = 1) -> Decision:
         """Decide by re-encoding the kept frame history (full recomputation; same inputs as ``decide``)."""
         if not self._frames:
             raise PolicyInputError("decide_full() called before push_frames(): no frames since the last reset()")
         start = time.perf_counter()
-        video = rearrange(torch.stack(self._padded(self._frames)), "f c ch h w -> 1 c f ch h w")
+        video = self._history_video()
         text, mask = self._resolve_text(self.instruction)
         with self._amp():
             state = self.net.encode(video, text, mask)
@@ -374,7 +378,7 @@ class QTransformerPolicy:
             raise PolicyInputError("score_instructions() called before push_frames(): no frames since the last reset()")
         if isinstance(instructions, str) or not instructions:
             raise PolicyInputError(f"score_instructions takes a non-empty list of strings, got {instructions!r}")
-        video = rearrange(torch.stack(self._padded(self._frames)), "f c ch h w -> 1 c f ch h w")
+        video = self._history_video()
         text = torch.stack([self.embed_instruction(t) for t in instructions]).to(self.device)
         b = len(instructions)
         with self._amp():

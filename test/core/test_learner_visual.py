@@ -109,15 +109,6 @@ def check_closed_form(net, tol: float) -> None:
         assert torch.allclose(q_start, torch.full_like(q_start, GAMMA), atol=tol), (colour, q_start)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models are op-overhead bound: one intra-op thread is faster and immune to a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_tiny_model_learns_closed_form_q(tmp_path, one_thread):
     net = train_task(tmp_path, steps=150, model_overrides={}, learner_overrides={})
     check_closed_form(net, tol=0.1)

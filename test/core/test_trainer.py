@@ -23,12 +23,7 @@ TINY_YAML = REPO / "config" / "train_tiny.yaml"
 SMALL_MODEL = ["--set", "model_overrides.depth=[1]", "--set", "model_overrides.window_size=4"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one intra-op thread for tiny models
 
 
 def make_dataset(path: Path, episodes: int = 6, length: int = 6, seed: int = 0, **contract_kw) -> Path:

@@ -17,7 +17,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 import yaml
 
@@ -88,14 +87,6 @@ def record_episode(path: Path, rng: np.random.Generator) -> bool:
         s.add("/success", "std_msgs/msg/Bool", frame_t + NS // 2000, bool_msg(True))
     s.write(path)
     return success
-
-
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_greedy_action_is_optimal_in_every_state_after_bags_convert_train(tmp_path, one_thread) -> None:

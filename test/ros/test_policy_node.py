@@ -11,7 +11,6 @@ stops the commands, and the parameter file and launch file are well formed.
 from __future__ import annotations
 
 import io
-import os
 import py_compile
 import threading
 import time
@@ -39,7 +38,7 @@ from trajectory_msgs.msg import JointTrajectory  # noqa: E402
 from q_transformer_ros.data.contract import RobotContract, parse_contract  # noqa: E402
 from q_transformer_ros.ros.policy_node import ManagedPolicyNode, PolicyNode, load_interfaces  # noqa: E402
 from q_transformer_ros.ros.qos import COMMAND_QOS, DIAGNOSTIC_QOS, INSTRUCTION_QOS, SENSOR_QOS  # noqa: E402
-from qtr_testing import wait_for  # noqa: E402
+from qtr_testing import ros_domain, wait_for  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 DecisionMsg, ScoreInstructions = load_interfaces()
@@ -258,18 +257,8 @@ class Harness:
 
 @pytest.fixture(scope="module", autouse=True)
 def ros_context():
-    """Set the DDS environment right before rclpy.init (other test modules may change os.environ at import)."""
-    saved = {k: os.environ.get(k) for k in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE")}
-    os.environ["ROS_DOMAIN_ID"] = str(DOMAIN_ID)
-    os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
-    rclpy.init(domain_id=DOMAIN_ID)
-    yield
-    rclpy.try_shutdown()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with ros_domain(DOMAIN_ID):
+        yield
 
 
 @pytest.fixture(scope="module")

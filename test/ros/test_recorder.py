@@ -31,6 +31,7 @@ from q_transformer_ros.data.contract import parse_contract  # noqa: E402
 from q_transformer_ros.data.image import preprocess_frame  # noqa: E402
 from q_transformer_ros.ros.qos import COMMAND_QOS, INSTRUCTION_QOS, SENSOR_QOS  # noqa: E402
 from q_transformer_ros.ros.recorder import EpisodeRecorder  # noqa: E402
+from qtr_testing import call_trigger  # noqa: E402
 
 CONTRACT = {
     "name": "rec_test", "control_rate_hz": 10.0, "frame_history": 2, "max_frame_age_s": 0.5,
@@ -113,16 +114,6 @@ def spin_for(executor, seconds: float, robot: Robot | None = None, hz: float = 2
         executor.spin_once(timeout_sec=0.005)
 
 
-def call(executor, client, timeout: float = 10.0) -> Trigger.Response:
-    assert client.wait_for_service(timeout_sec=timeout), f"service {client.srv_name} not available"
-    future = client.call_async(Trigger.Request())
-    end = time.monotonic() + timeout
-    while not future.done() and time.monotonic() < end:
-        executor.spin_once(timeout_sec=0.01)
-    assert future.done(), f"no answer from {client.srv_name}"
-    return future.result()
-
-
 def wait_matched(executor, robot: Robot, timeout: float = 10.0) -> None:
     pubs = [robot.front, robot.wrist, robot.cmd, robot.grip, robot.joints, robot.instruction, robot.success]
     end = time.monotonic() + timeout
@@ -151,7 +142,7 @@ def test_record_then_convert(tmp_path: Path) -> None:
 
         # episode 1: started by service, ended by the success topic
         first_front = len(robot.front_frames)
-        resp = call(ex, robot.start)
+        resp = call_trigger(ex, robot.start)
         assert resp.success, resp.message
         spin_for(ex, 1.0, robot)
         robot.success.publish(Bool(data=False))  # a simulator's per-step "not yet" must not end it
@@ -163,11 +154,11 @@ def test_record_then_convert(tmp_path: Path) -> None:
         after_first = len(robot.front_frames)
 
         # episode 2: started and stopped by service (no success message: unlabeled)
-        assert call(ex, robot.start).success
+        assert call_trigger(ex, robot.start).success
         spin_for(ex, 1.5, robot)
-        resp = call(ex, robot.stop)
+        resp = call_trigger(ex, robot.stop)
         assert resp.success, resp.message
-        assert not call(ex, robot.stop).success  # nothing to stop now
+        assert not call_trigger(ex, robot.stop).success  # nothing to stop now
         assert len(recorder.finished) == 2
         ex.shutdown()
         recorder.destroy_node()

@@ -12,7 +12,6 @@ dim on /joint_states, which the robot publishes right after it moves to each com
 from __future__ import annotations
 
 import io
-import os
 import threading
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ from q_transformer_ros.data.image import preprocess_frame  # noqa: E402
 from q_transformer_ros.ros.policy_node import PolicyNode, load_interfaces  # noqa: E402
 from q_transformer_ros.ros.qos import COMMAND_QOS, DIAGNOSTIC_QOS, INSTRUCTION_QOS, SENSOR_QOS  # noqa: E402
 from q_transformer_ros.ros.recorder import EpisodeRecorder  # noqa: E402
+from qtr_testing import call_trigger, ros_domain  # noqa: E402
 
 DOMAIN_ID = 71  # this file's own DDS domain
 DecisionMsg, _ = load_interfaces()
@@ -150,28 +150,9 @@ class FrameKeyedPolicy:
 
 
 @pytest.fixture
-def ros_domain():
-    saved = {k: os.environ.get(k) for k in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE")}
-    os.environ["ROS_DOMAIN_ID"] = str(DOMAIN_ID)
-    os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
-    rclpy.init(domain_id=DOMAIN_ID)
-    yield
-    rclpy.try_shutdown()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
-def _call(executor, client, timeout: float = 10.0) -> Trigger.Response:
-    assert client.wait_for_service(timeout_sec=timeout), f"service {client.srv_name} not available"
-    future = client.call_async(Trigger.Request())
-    end = time.monotonic() + timeout
-    while not future.done() and time.monotonic() < end:
-        executor.spin_once(timeout_sec=0.01)
-    assert future.done(), f"no answer from {client.srv_name}"
-    return future.result()
+def ros_context():
+    with ros_domain(DOMAIN_ID):
+        yield
 
 
 def _spin(executor, seconds: float, robot: Robot | None = None, steps: list[int] | None = None) -> None:
@@ -195,7 +176,7 @@ def _spin(executor, seconds: float, robot: Robot | None = None, steps: list[int]
 
 @pytest.mark.timeout(180)
 @pytest.mark.skipif(DecisionMsg is None, reason="q_transformer_ros msg/srv not built (run scripts/colcon_build.sh)")
-def test_policy_node_recorder_converter_round_trip(tmp_path: Path, ros_domain) -> None:
+def test_policy_node_recorder_converter_round_trip(tmp_path: Path, ros_context) -> None:
     from q_transformer_ros.core.checkpoint import save_untrained_checkpoint
     from q_transformer_ros.core.dataset import ReplayDataset
     from q_transformer_ros.core.policy import QTransformerPolicy
@@ -225,7 +206,7 @@ def test_policy_node_recorder_converter_round_trip(tmp_path: Path, ros_domain) -
         robot.publish_joints()
         _spin(ex, 2.0, robot)  # discovery, first decisions
         assert robot.decisions, f"the node made no decision (stop reason: {node.stop_reason})"
-        assert _call(ex, robot.start).success
+        assert call_trigger(ex, robot.start).success
         steps: list[int] = []
         while len(steps) < STEPS:
             _spin(ex, 1.0, robot, steps)
