@@ -22,7 +22,7 @@ common.ensure_repo_on_path()
 def ours_available() -> str | None:
     """None if our core imports, else the reason (the scripts then print the reference side only)."""
     try:
-        import q_transformer_ros.core.dataset  # noqa: F401
+        import q_transformer_ros.core.replay_dataset  # noqa: F401
         import q_transformer_ros.core.learner  # noqa: F401
         import q_transformer_ros.core.model  # noqa: F401
         import q_transformer_ros.core.policy  # noqa: F401
@@ -33,7 +33,7 @@ def ours_available() -> str | None:
 
 def make_contract(arch: common.BenchArch) -> Any:
     """A one-camera contract of the arch's frame size, history and action dims/bins (no instruction)."""
-    from q_transformer_ros.core.dataset.testing import tiny_contract
+    from q_transformer_ros.replay.testing import tiny_contract
 
     return tiny_contract(num_cameras=1, size=arch.image_size, num_dims=arch.num_actions, bins=arch.action_bins,
                          frame_history=arch.frames, discount=0.98, name=f"bench_{arch.name}")
@@ -69,7 +69,7 @@ def random_frames(arch: common.BenchArch, n: int, rng: np.random.Generator) -> n
 
 def write_dataset(arch: common.BenchArch, folder: Path, episodes: int, steps: int, seed: int = 0) -> dict[str, Any]:
     """Write ``episodes`` x ``steps`` steps of random frames/actions with our ReplayWriter; returns sizes."""
-    from q_transformer_ros.core.dataset import EpisodeData, ReplayWriter
+    from q_transformer_ros.replay import EpisodeData, ReplayWriter
 
     contract = make_contract(arch)
     rng = np.random.default_rng(seed)
@@ -102,7 +102,7 @@ def measure_training(arch: common.BenchArch, folder: Path, batch_size: int, warm
     the same work as the reference QLearner step (data loading + forwards + backward + optimizer + EMA)."""
     import torch
 
-    from q_transformer_ros.core.dataset import ReplayDataset
+    from q_transformer_ros.core.replay_dataset import ReplayDataset
     from q_transformer_ros.core.learner import (
         LearnerConfig, learning_step, make_target_network, update_target_network,
     )

@@ -26,7 +26,7 @@ from PIL import Image as PILImage
 
 from q_transformer_ros.data.bag_reader import typestore_for
 from q_transformer_ros.data.bag_writer import BagWriter
-from q_transformer_ros.data.contract import parse_contract
+from q_transformer_ros.contract import parse_contract
 from q_transformer_ros.data.convert import ConvertConfig, run_conversion
 
 NS = 1_000_000_000
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=2, help="best of N timings")
     args = p.parse_args(argv)
 
-    import q_transformer_ros.core.dataset  # noqa: F401  (torch import outside the timings)
+    import q_transformer_ros.core.replay_dataset  # noqa: F401  (torch import outside the timings)
 
     c = contract(args.size)
     tmp = Path(tempfile.mkdtemp(prefix="bench_convert_"))

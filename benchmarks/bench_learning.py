@@ -95,7 +95,7 @@ def collect(args: argparse.Namespace, contract, dataset: Path) -> list[EpisodeRe
     """Expert + noise episodes of every task into a replay dataset; returns one record per episode."""
     from tqdm import tqdm
 
-    from q_transformer_ros.core.dataset.writer import EpisodeData, ReplayWriter
+    from q_transformer_ros.replay.writer import EpisodeData, ReplayWriter
     from q_transformer_ros.sim.agent_env import MetaWorldEnvironment
 
     log = dataset.parent / "data_episodes.jsonl"
@@ -214,7 +214,7 @@ def evaluate(args: argparse.Namespace, name: str, ckpt: Path, contract, out: Pat
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    from q_transformer_ros.data.contract import load_contract
+    from q_transformer_ros.contract import load_contract
 
     out = Path(args.out)
     if args.force and out.exists():

@@ -77,7 +77,7 @@ def make_checkpoint(contract_path: str, preset: str, out: Path) -> Path:
     """A checkpoint of a randomly initialised network (latency does not depend on the weights), with the
     benchmark's instruction embedding cached in it, as the trainer caches the training instructions."""
     from q_transformer_ros.core.checkpoint import save_untrained_checkpoint  # noqa: PLC0415
-    from q_transformer_ros.data.contract import load_contract  # noqa: PLC0415
+    from q_transformer_ros.contract import load_contract  # noqa: PLC0415
 
     return save_untrained_checkpoint(out, load_contract(contract_path), preset=preset, instructions=[BENCH_INSTRUCTION])
 

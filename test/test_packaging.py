@@ -77,8 +77,8 @@ def describe(proc: subprocess.CompletedProcess[str]) -> str:
 
 def test_core_and_data_import_without_ros(tmp_path: Path, venv_python: Path) -> None:
     """Every module under core/, data/ and control/ imports with rclpy and all ROS message packages blocked."""
-    modules = source_modules("core", "data", "control")
-    assert "q_transformer_ros.data.contract" in modules, f"walk of {PACKAGE_DIR} found {modules}"
+    modules = source_modules("core", "data", "control", "replay") + ["q_transformer_ros.contract"]
+    assert "q_transformer_ros.replay.writer" in modules, f"walk of {PACKAGE_DIR} found {modules}"
     script = BLOCK_ROS + textwrap.dedent(f"""
         import importlib, json, traceback
         failures = {{}}
@@ -99,6 +99,51 @@ def test_core_and_data_import_without_ros(tmp_path: Path, venv_python: Path) -> 
     assert report["path"] == [str(PACKAGE_DIR)], report["path"]
     assert not report["rclpy_loaded"]
     assert report["failures"] == {}, "\n\n".join(f"{k}:\n{v}" for k, v in report["failures"].items())
+
+
+# Which of the package's own modules each layer may import (ast-checked, lazy imports included).
+# contract is the leaf; replay (numpy dataset format) sits on it; data/ and core/ both import those
+# two downward and never each other; control/ runs the core with the pairing rule of data/.
+LAYER_MAY_IMPORT = {
+    "contract": set(),
+    "config_io": set(),
+    "replay": {"contract"},
+    "data": {"contract", "replay", "config_io"},
+    "core": {"contract", "replay", "config_io"},
+    "control": {"contract", "replay", "core", "data"},  # data.sync: the one pairing rule, live side
+}
+
+
+def imported_package_layers(path: Path) -> set[str]:
+    """The q_transformer_ros.<layer> names a source file imports, at any depth of the file."""
+    import ast
+
+    layers = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        names = []
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "q_transformer_ros" and len(parts) > 1:
+                layers.add(parts[1])
+    return layers
+
+
+def test_layers_import_only_downward() -> None:
+    """contract is a leaf, replay imports only it, and data/ and core/ never import each other."""
+    violations = []
+    for layer, allowed in LAYER_MAY_IMPORT.items():
+        root = PACKAGE_DIR / layer
+        files = sorted(root.rglob("*.py")) if root.is_dir() else [PACKAGE_DIR / f"{layer}.py"]
+        assert files and files[0].is_file(), f"layer {layer} not found under {PACKAGE_DIR}"
+        for path in files:
+            bad = imported_package_layers(path) - allowed - {layer}
+            if bad:
+                violations.append(f"{path.relative_to(REPO_ROOT)} imports {sorted(bad)}")
+    assert not violations, "\n".join(violations)
 
 
 def test_top_level_init_is_empty() -> None:
@@ -160,7 +205,7 @@ def test_installed_python_modules_match_source(install_prefix: Path) -> None:
 GENERATED_CHECK = textwrap.dedent("""
     import json
     import q_transformer_ros
-    import q_transformer_ros.data.contract
+    import q_transformer_ros.contract
     from q_transformer_ros.msg import Decision, InstructionScore
     from q_transformer_ros.srv import ScoreInstructions
     d = Decision(instruction="pick", bins=[3, 255], action=[0.5, -1.0], dim_names=["x", "g"],

@@ -32,7 +32,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from q_transformer_ros.data.contract import RobotContract
+from q_transformer_ros.contract import RobotContract
 from q_transformer_ros.data.sync import DecisionClock
 
 NS = 1_000_000_000

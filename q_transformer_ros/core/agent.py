@@ -22,8 +22,8 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from q_transformer_ros.core.dataset.writer import EpisodeData, ReplayWriter
-from q_transformer_ros.data.contract import RobotContract
+from q_transformer_ros.replay.writer import EpisodeData, ReplayWriter
+from q_transformer_ros.contract import RobotContract
 
 Observation = dict[str, np.ndarray]
 """Camera name -> uint8 (3, H, W) RGB frame at the contract's size."""

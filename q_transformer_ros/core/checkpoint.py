@@ -26,7 +26,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from q_transformer_ros.data.contract import ContractError, RobotContract
+from q_transformer_ros.contract import ContractError, RobotContract
 
 CHECKPOINT_KIND = "q_transformer_ros/checkpoint"
 CHECKPOINT_FORMAT_VERSION = 1

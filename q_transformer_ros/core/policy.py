@@ -33,7 +33,7 @@ from torch import Tensor
 
 from q_transformer_ros.core.decision_steps import DecisionSteps
 from q_transformer_ros.core.model import ModelConfig, QTransformerNet
-from q_transformer_ros.data.contract import RobotContract
+from q_transformer_ros.contract import RobotContract
 
 
 class PolicyInputError(ValueError):

@@ -47,7 +47,7 @@ from q_transformer_ros.core.learner import LearnerConfig, learning_step, make_ta
 from q_transformer_ros.core.metrics import MetricsLogger, plot_metrics
 from q_transformer_ros.core.run_lock import RunLock, RunLockError
 from q_transformer_ros.core.schedule import warmup_cosine_scheduler
-from q_transformer_ros.data.contract import ContractError, RobotContract, load_contract
+from q_transformer_ros.contract import ContractError, RobotContract, load_contract
 
 METRICS_NAME = "metrics.jsonl"
 PLOT_NAME = "metrics.png"
@@ -314,7 +314,8 @@ TRAIN_KEYS = ("frames", "next_frames", "action_bins", "rewards", "reward_mask", 
 
 def open_datasets(cfg: TrainConfig, contract: RobotContract | None) -> tuple[list[Any], RobotContract]:
     """Open every dataset with the training contract; errors name the dataset path."""
-    from q_transformer_ros.core.dataset import DatasetError, ReplayDataset
+    from q_transformer_ros.replay import DatasetError
+    from q_transformer_ros.core.replay_dataset import ReplayDataset
 
     if not cfg.dataset:
         raise TrainError("no dataset given: pass --dataset DIR (or 'dataset:' in the config)")
@@ -377,7 +378,7 @@ def _enc_dict(enc_cfg: Any) -> dict[str, Any]:
 
 
 def _cache_embeddings(ds: Any, key: str, emb: np.ndarray) -> None:
-    from q_transformer_ros.core.dataset import ReplayWriter
+    from q_transformer_ros.replay import ReplayWriter
 
     try:
         with ReplayWriter(ds.root, ds.dataset_contract, create_ok=False) as w:
@@ -654,7 +655,7 @@ def _train(cfg: TrainConfig, info: DistInfo, ModelConfig: Any, QTransformerNet: 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``train`` executable. Returns 0 on success, 2 on bad input (message on stderr)."""
-    from q_transformer_ros.core.dataset import DatasetError
+    from q_transformer_ros.replay import DatasetError
 
     try:
         cfg = config_from_args(argv)

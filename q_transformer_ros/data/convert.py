@@ -33,7 +33,7 @@ from typing import Any, Iterator, NamedTuple, Sequence
 import numpy as np
 
 from q_transformer_ros.data.bag_reader import BagError, BagInfo, BagReader, bag_name, find_bags
-from q_transformer_ros.data.contract import (
+from q_transformer_ros.contract import (
     INSTRUCTION_MSG_TYPES, SUCCESS_MSG_TYPES, ContractError, RobotContract, load_contract,
 )
 from q_transformer_ros.data.image import ImageError, frame_from_msg
@@ -650,7 +650,7 @@ def run_conversion(bags: Sequence[Path], out: Path, cfg: ConvertConfig, workers:
     """
     from tqdm import tqdm
 
-    from q_transformer_ros.core.dataset import EpisodeData, ReplayWriter  # torch import: parent only
+    from q_transformer_ros.replay import EpisodeData, ReplayWriter
 
     if on_error not in ON_ERROR_CHOICES:
         raise ConvertError(f"--on-error {on_error!r}: use one of {ON_ERROR_CHOICES}")
@@ -795,7 +795,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _contract_from_dataset(out: Path) -> RobotContract:
-    from q_transformer_ros.core.dataset.format import read_manifest
+    from q_transformer_ros.replay.format import read_manifest
 
     return read_manifest(out).robot_contract(str(out / "manifest.json"))
 

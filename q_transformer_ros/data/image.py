@@ -21,7 +21,7 @@ import numpy as np
 from einops import rearrange, repeat
 from PIL import Image as PILImage
 
-from q_transformer_ros.data.contract import CameraSpec
+from q_transformer_ros.contract import CameraSpec
 
 
 class ImageError(ValueError):

@@ -19,7 +19,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from q_transformer_ros.data.contract import ActionDimSpec, FieldRef
+from q_transformer_ros.contract import ActionDimSpec, FieldRef
 
 _PART_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)(?:\[(\d+)\])?$")
 _JOINT_LIST_FIELD = {

@@ -129,7 +129,7 @@ class DemoConfig:
         a copy in ``<out>/contract.yaml`` with that camera size, written atomically when it changes."""
         import yaml  # noqa: PLC0415
 
-        from q_transformer_ros.data.contract import load_contract  # noqa: PLC0415
+        from q_transformer_ros.contract import load_contract  # noqa: PLC0415
 
         path = self.out / "contract.yaml"
         if self.image_size is None or self.contract.resolve() == path.resolve():

@@ -129,7 +129,7 @@ def _progress(total: int, initial: int, desc: str, enabled: bool) -> Any:
 
 def record(cfg: DemoConfig) -> dict[str, Any]:
     """Scripted expert (+ noise) drives the sim node; the recorder writes one MCAP bag per episode."""
-    from q_transformer_ros.data.contract import load_contract  # noqa: PLC0415
+    from q_transformer_ros.contract import load_contract  # noqa: PLC0415
 
     plan = cfg.record_plan()
     have = {(r.task, r.seed, r.noise): r for r in read_records(cfg.record_log) if r.source and Path(r.source).exists()}
@@ -202,7 +202,7 @@ def convert(cfg: DemoConfig) -> dict[str, Any]:
 
 def dataset_records(cfg: DemoConfig) -> list[EpisodeRecord]:
     """The converted dataset's episodes (task from the instruction text)."""
-    from q_transformer_ros.core.dataset.format import read_manifest  # noqa: PLC0415
+    from q_transformer_ros.replay.format import read_manifest  # noqa: PLC0415
     from q_transformer_ros.sim.tasks import task_for_instruction  # noqa: PLC0415
 
     if not (cfg.dataset_dir / "manifest.json").exists():
@@ -271,7 +271,7 @@ def _last_metrics(path: Path) -> dict[str, float]:
 
 def evaluate(cfg: DemoConfig) -> dict[str, Any]:
     """policy_node (the trained checkpoint) drives sim_node on held-out seeds, through ROS topics."""
-    from q_transformer_ros.data.contract import load_contract  # noqa: PLC0415
+    from q_transformer_ros.contract import load_contract  # noqa: PLC0415
 
     if not cfg.checkpoint.exists():
         raise StageError(f"eval: no checkpoint at {cfg.checkpoint}; run the train stage")
@@ -327,7 +327,7 @@ def evaluate(cfg: DemoConfig) -> dict[str, Any]:
 
 
 def cfg_rate(cfg: DemoConfig) -> float:
-    from q_transformer_ros.data.contract import load_contract  # noqa: PLC0415
+    from q_transformer_ros.contract import load_contract  # noqa: PLC0415
 
     return float(load_contract(cfg.contract).control_rate_hz)
 

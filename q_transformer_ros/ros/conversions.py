@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 from builtin_interfaces.msg import Duration, Time
 
-from q_transformer_ros.data.contract import FieldRef, RobotContract
+from q_transformer_ros.contract import FieldRef, RobotContract
 from q_transformer_ros.data.messages import group_dims_by_topic, write_field
 
 @lru_cache(maxsize=None)

@@ -31,7 +31,7 @@ from sensor_msgs.msg import Image
 from std_msgs.msg import Bool, Float64MultiArray, String
 from std_srvs.srv import SetBool, Trigger
 
-from q_transformer_ros.data.contract import RobotContract
+from q_transformer_ros.contract import RobotContract
 from q_transformer_ros.ros.conversions import group_outputs, message_class
 from q_transformer_ros.ros.qos import COMMAND_QOS, DIAGNOSTIC_QOS, INSTRUCTION_QOS, SENSOR_QOS
 

@@ -26,7 +26,7 @@ from rclpy.node import Node
 from rclpy.parameter import Parameter
 from std_msgs.msg import Float64MultiArray, String
 
-from q_transformer_ros.data.contract import RobotContract, load_contract
+from q_transformer_ros.contract import RobotContract, load_contract
 from q_transformer_ros.ros.conversions import build_command, group_outputs, message_class
 from q_transformer_ros.ros.qos import COMMAND_QOS, DIAGNOSTIC_QOS, INSTRUCTION_QOS
 from q_transformer_ros.ros.params import declare

@@ -59,7 +59,7 @@ from std_msgs.msg import String
 from std_srvs.srv import SetBool
 
 from q_transformer_ros.control.loop import MAX_INSTRUCTION_CHARS, ControlLoop, LoopConfig, StepReport
-from q_transformer_ros.data.contract import CameraSpec, RobotContract
+from q_transformer_ros.contract import CameraSpec, RobotContract
 from q_transformer_ros.data.image import frame_from_msg
 from q_transformer_ros.data.messages import read_field
 from q_transformer_ros.ros.conversions import OutputGroup, build_command, group_outputs, message_class

@@ -24,7 +24,7 @@ from rclpy.node import Node
 from std_srvs.srv import Trigger
 
 from q_transformer_ros.data.bag_writer import BagWriter
-from q_transformer_ros.data.contract import RobotContract, load_contract
+from q_transformer_ros.contract import RobotContract, load_contract
 from q_transformer_ros.ros.conversions import message_class
 from q_transformer_ros.ros.qos import COMMAND_QOS, INSTRUCTION_QOS, SENSOR_QOS
 from q_transformer_ros.ros.params import declare

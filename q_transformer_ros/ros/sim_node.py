@@ -46,7 +46,7 @@ from sensor_msgs.msg import Image
 from std_msgs.msg import Bool, Float64MultiArray, MultiArrayDimension, String
 from std_srvs.srv import Trigger
 
-from q_transformer_ros.data.contract import RobotContract, load_contract
+from q_transformer_ros.contract import RobotContract, load_contract
 from q_transformer_ros.data.messages import read_field
 from q_transformer_ros.ros.conversions import group_outputs, message_class
 from q_transformer_ros.ros.qos import COMMAND_QOS, DIAGNOSTIC_QOS, INSTRUCTION_QOS, SENSOR_QOS

@@ -15,7 +15,7 @@ import numpy as np
 from einops import rearrange
 
 from q_transformer_ros.core.agent import BaseEnvironment, Observation
-from q_transformer_ros.data.contract import RobotContract
+from q_transformer_ros.contract import RobotContract
 from q_transformer_ros.sim.metaworld_env import MetaWorldEnv, ScriptedExpert, SimConfig, contract_action_order, resolve_cameras
 from q_transformer_ros.sim.tasks import TASK_INSTRUCTIONS
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from q_transformer_ros.control.loop import ControlLoop, LoopConfig, StepReport
-from q_transformer_ros.data.contract import parse_contract
+from q_transformer_ros.contract import parse_contract
 
 MS = 1_000_000
 S = 1_000_000_000

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from q_transformer_ros.core.agent import Agent, AgentConfig, MockEnvironment, make_mock_dataset
-from q_transformer_ros.core.dataset import ReplayDataset
-from q_transformer_ros.core.dataset.testing import tiny_contract
+from q_transformer_ros.core.replay_dataset import ReplayDataset
+from q_transformer_ros.replay.testing import tiny_contract
 
 
 @dataclass

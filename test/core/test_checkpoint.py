@@ -11,7 +11,7 @@ import torch
 from q_transformer_ros.core.checkpoint import (
     CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
 )
-from q_transformer_ros.core.dataset.testing import tiny_contract
+from q_transformer_ros.replay.testing import tiny_contract
 
 
 def payload(contract=None, bins=None):

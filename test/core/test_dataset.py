@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from q_transformer_ros.core.dataset import DatasetError, EpisodeData, ReplayDataset, ReplayWriter
-from q_transformer_ros.core.dataset.testing import random_episode, tiny_contract
-from q_transformer_ros.data.contract import ContractError, RobotContract
+from q_transformer_ros.replay import DatasetError, EpisodeData, ReplayWriter
+
+from q_transformer_ros.core.replay_dataset import ReplayDataset
+from q_transformer_ros.replay.testing import random_episode, tiny_contract
+from q_transformer_ros.contract import ContractError, RobotContract
 
 
 def marked_episode(contract, rewards, success, terminal=None, tag=0, instruction="push", source_id=None):

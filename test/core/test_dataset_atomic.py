@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from q_transformer_ros.core.dataset import DatasetError, ReplayDataset, ReplayWriter
-from q_transformer_ros.core.dataset.testing import random_episode, tiny_contract
+from q_transformer_ros.replay import DatasetError, ReplayWriter
+
+from q_transformer_ros.core.replay_dataset import ReplayDataset
+from q_transformer_ros.replay.testing import random_episode, tiny_contract
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -75,8 +77,8 @@ def test_second_writer_is_refused(tmp_path: Path):
 CRASH_SCRIPT = textwrap.dedent("""
     import os, sys
     import numpy as np
-    from q_transformer_ros.core.dataset import ReplayWriter
-    from q_transformer_ros.core.dataset.testing import random_episode, tiny_contract
+    from q_transformer_ros.replay import ReplayWriter
+    from q_transformer_ros.replay.testing import random_episode, tiny_contract
     root, stage = sys.argv[1], sys.argv[2]
     c = tiny_contract(num_cameras=2)
     rng = np.random.default_rng(2)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from q_transformer_ros.core.dataset.returns import discounted_returns, n_step_layout, n_step_rewards
+from q_transformer_ros.replay.returns import discounted_returns, n_step_layout, n_step_rewards
 
 
 def brute_layout(t: int, L: int, terminal: bool, n: int, gamma: float):

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from q_transformer_ros.core.checkpoint import load_checkpoint
-from q_transformer_ros.core.dataset import ReplayWriter
-from q_transformer_ros.core.dataset.testing import random_episode, tiny_contract
+from q_transformer_ros.replay import ReplayWriter
+from q_transformer_ros.replay.testing import random_episode, tiny_contract
 from q_transformer_ros.core.distributed import ShardedBatchSampler
 
 REPO = Path(__file__).resolve().parents[2]

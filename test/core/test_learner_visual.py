@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from q_transformer_ros.core.dataset import EpisodeData, ReplayDataset, ReplayWriter
-from q_transformer_ros.core.dataset.testing import tiny_contract
+from q_transformer_ros.replay import EpisodeData, ReplayWriter
+
+from q_transformer_ros.core.replay_dataset import ReplayDataset
+from q_transformer_ros.replay.testing import tiny_contract
 from q_transformer_ros.core.learner import LearnerConfig, learning_step, make_target_network, update_target_network
 from q_transformer_ros.core.model import ModelConfig, QTransformerNet
 

@@ -12,10 +12,10 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from q_transformer_ros.core.checkpoint import save_untrained_checkpoint  # noqa: E402
-from q_transformer_ros.core.dataset.testing import tiny_contract  # noqa: E402
+from q_transformer_ros.replay.testing import tiny_contract  # noqa: E402
 from q_transformer_ros.core.onnx_backend import OnnxBackendError, onnx_paths, read_metadata  # noqa: E402
 from q_transformer_ros.core.policy import QTransformerPolicy  # noqa: E402
-from q_transformer_ros.data.contract import RobotContract  # noqa: E402
+from q_transformer_ros.contract import RobotContract  # noqa: E402
 
 INSTRUCTIONS = ["open the drawer", "close the drawer"]
 TEXT = {"pretrained": None, "text_overrides": {"width": 32, "layers": 1, "heads": 2, "embed_dim": 32}}

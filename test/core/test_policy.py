@@ -10,7 +10,7 @@ import torch
 from q_transformer_ros.core.checkpoint import save_checkpoint
 from q_transformer_ros.core.model import ModelConfig, QTransformerNet
 from q_transformer_ros.core.policy import Decision, PolicyInputError, QTransformerPolicy
-from q_transformer_ros.data.contract import RobotContract
+from q_transformer_ros.contract import RobotContract
 
 T = 16
 

@@ -12,8 +12,8 @@ import yaml
 
 from q_transformer_ros.core import trainer as trainer_mod
 from q_transformer_ros.core.checkpoint import load_checkpoint
-from q_transformer_ros.core.dataset import ReplayWriter
-from q_transformer_ros.core.dataset.testing import random_episode, tiny_contract
+from q_transformer_ros.replay import ReplayWriter
+from q_transformer_ros.replay.testing import random_episode, tiny_contract
 from q_transformer_ros.core.metrics import read_metrics
 from q_transformer_ros.core.trainer import TrainConfig, TrainError, config_from_args, main, train
 
@@ -197,7 +197,7 @@ def test_config_yaml_and_overrides():
 
 
 def test_several_datasets_merge_instruction_tables(tmp_path):
-    from q_transformer_ros.core.dataset import ReplayDataset
+    from q_transformer_ros.core.replay_dataset import ReplayDataset
     from q_transformer_ros.core.trainer import BatchDataset
 
     contract = tiny_contract(size=16, num_dims=3, bins=8, frame_history=2)

@@ -16,7 +16,7 @@ from PIL import Image as PILImage
 
 from q_transformer_ros.data.bag_reader import typestore_for
 from q_transformer_ros.data.bag_writer import BagWriter
-from q_transformer_ros.data.contract import parse_contract
+from q_transformer_ros.contract import parse_contract
 
 NS = 1_000_000_000
 TS = typestore_for(None)

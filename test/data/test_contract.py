@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from q_transformer_ros.data.contract import ContractError, RobotContract, load_contract, parse_contract
+from q_transformer_ros.contract import ContractError, RobotContract, load_contract, parse_contract
 
 CONFIG = Path(__file__).resolve().parents[2] / "config"
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from bag_factory import NS, TEST_CONTRACT, BagScript, make_contract, make_episode
-from q_transformer_ros.core.dataset import ReplayDataset
+from q_transformer_ros.core.replay_dataset import ReplayDataset
 from q_transformer_ros.data.convert import main
 from q_transformer_ros.data.image import preprocess_frame
 
@@ -335,7 +335,7 @@ def test_kill_after_k_of_n_bags_then_rerun_is_byte_identical(tmp_path, contract_
     killed = tmp_path / "killed"
     script = f"""
 import os, signal, sys
-from q_transformer_ros.core.dataset import writer as w
+from q_transformer_ros.replay import writer as w
 real_init, commits = w.ReplayWriter.__init__, [0]
 def hook(stage):
     if stage == "manifest_written":

@@ -147,7 +147,7 @@ def test_on_error_skip_converts_the_good_bags(tmp_path, capsys) -> None:
     rc = main([str(good), str(bad), "--out", str(out), "--contract", str(contract), "--no-progress", "--on-error", "skip"])
     report = capsys.readouterr().out
     assert rc == 1 and "ERROR bad" in report
-    from q_transformer_ros.core.dataset import ReplayDataset
+    from q_transformer_ros.core.replay_dataset import ReplayDataset
     assert ReplayDataset(out).num_episodes == 1
 
 
@@ -161,7 +161,7 @@ def test_bags_before_a_failing_bag_stay_committed(tmp_path, setup, capsys) -> No
     rc = main([str(first), str(bad), "--out", str(out), "--contract", str(contract), "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 1 and "bad_cut" in err and "stay in" in err
-    from q_transformer_ros.core.dataset import ReplayDataset
+    from q_transformer_ros.core.replay_dataset import ReplayDataset
 
     assert {ReplayDataset(out).episode(i).metadata["bag_name"] for i in range(2)} == {"good", "first"}
 
@@ -183,7 +183,7 @@ def test_mcap_with_service_event_topics_converts(tmp_path, setup, capsys) -> Non
     from rosbags.rosbag2 import StoragePlugin, Writer
 
     from bag_factory import TS
-    from q_transformer_ros.core.dataset import ReplayDataset
+    from q_transformer_ros.core.replay_dataset import ReplayDataset
 
     contract, out = setup
     script = make_episode(seed=120, duration=1.0)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 
-from q_transformer_ros.data.contract import CameraSpec
+from q_transformer_ros.contract import CameraSpec
 from q_transformer_ros.data.image import ImageError, frame_from_msg, image_msg_to_numpy, preprocess_frame
 
 CAM = CameraSpec(name="front", topic="/front/image_raw", height=8, width=8)

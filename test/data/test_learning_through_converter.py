@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from bag_factory import NS, BagScript, bool_msg, f64_msg, image_msg, string_msg
-from q_transformer_ros.core.dataset import ReplayDataset
+from q_transformer_ros.core.replay_dataset import ReplayDataset
 from q_transformer_ros.core.policy import QTransformerPolicy
 from q_transformer_ros.core.trainer import TrainConfig, train
 from q_transformer_ros.data.convert import main as convert_main

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from q_transformer_ros.data.bag_reader import typestore_for
-from q_transformer_ros.data.contract import FieldRef, load_contract
+from q_transformer_ros.contract import FieldRef, load_contract
 from q_transformer_ros.data.messages import (
     FieldError, actions_from_messages, group_dims_by_topic, parse_field_path, read_field, write_action, write_field,
 )

@@ -120,7 +120,7 @@ def test_config_checks_and_plans(tmp_path: Path) -> None:
     assert plan[3] == ("push-v3", 0, 0.0)
     assert {s for _, s in cfg.eval_plan()}.isdisjoint({s for _, s, _ in plan})
     assert min(s for _, s in cfg.eval_plan()) == EVAL_SEED_OFFSET
-    from q_transformer_ros.data.contract import load_contract
+    from q_transformer_ros.contract import load_contract
 
     derived = load_contract(cfg.run_contract())  # image_size 32: a copy of the contract in the run folder
     base = load_contract(cfg.contract)
@@ -164,7 +164,7 @@ def _need_ros() -> None:
 
 def test_record_one_episode_through_ros_and_convert(tmp_path: Path) -> None:
     _need_ros()
-    from q_transformer_ros.core.dataset import ReplayDataset
+    from q_transformer_ros.core.replay_dataset import ReplayDataset
     from q_transformer_ros.demo import run
     from q_transformer_ros.e2e import stages as st
 

@@ -35,7 +35,7 @@ from std_msgs.msg import Float64MultiArray, String  # noqa: E402
 from std_srvs.srv import SetBool  # noqa: E402
 from trajectory_msgs.msg import JointTrajectory  # noqa: E402
 
-from q_transformer_ros.data.contract import RobotContract, parse_contract  # noqa: E402
+from q_transformer_ros.contract import RobotContract, parse_contract  # noqa: E402
 from q_transformer_ros.ros.policy_node import ManagedPolicyNode, PolicyNode, load_interfaces  # noqa: E402
 from q_transformer_ros.ros.qos import COMMAND_QOS, DIAGNOSTIC_QOS, INSTRUCTION_QOS, SENSOR_QOS  # noqa: E402
 from qtr_testing import ros_domain, wait_for  # noqa: E402

@@ -27,7 +27,7 @@ from sensor_msgs.msg import CompressedImage, Image, JointState  # noqa: E402
 from std_msgs.msg import Bool, Float64MultiArray, String  # noqa: E402
 from std_srvs.srv import Trigger  # noqa: E402
 
-from q_transformer_ros.data.contract import parse_contract  # noqa: E402
+from q_transformer_ros.contract import parse_contract  # noqa: E402
 from q_transformer_ros.data.image import preprocess_frame  # noqa: E402
 from q_transformer_ros.ros.qos import COMMAND_QOS, INSTRUCTION_QOS, SENSOR_QOS  # noqa: E402
 from q_transformer_ros.ros.recorder import EpisodeRecorder  # noqa: E402
@@ -173,7 +173,7 @@ def test_record_then_convert(tmp_path: Path) -> None:
         assert meta["storage_identifier"] == "mcap" and (b / meta["relative_file_paths"][0]).exists()
         assert meta["custom_data"]["instruction"] == "stack the blocks"
 
-    from q_transformer_ros.core.dataset import ReplayDataset
+    from q_transformer_ros.core.replay_dataset import ReplayDataset
     from q_transformer_ros.data.convert import main
 
     ds_path = tmp_path / "ds"

@@ -30,7 +30,7 @@ from sensor_msgs.msg import CompressedImage, Image, JointState  # noqa: E402
 from std_msgs.msg import Bool, String  # noqa: E402
 from std_srvs.srv import Trigger  # noqa: E402
 
-from q_transformer_ros.data.contract import parse_contract  # noqa: E402
+from q_transformer_ros.contract import parse_contract  # noqa: E402
 from q_transformer_ros.data.image import preprocess_frame  # noqa: E402
 from q_transformer_ros.ros.policy_node import PolicyNode, load_interfaces  # noqa: E402
 from q_transformer_ros.ros.qos import COMMAND_QOS, DIAGNOSTIC_QOS, INSTRUCTION_QOS, SENSOR_QOS  # noqa: E402
@@ -178,7 +178,7 @@ def _spin(executor, seconds: float, robot: Robot | None = None, steps: list[int]
 @pytest.mark.skipif(DecisionMsg is None, reason="q_transformer_ros msg/srv not built (run scripts/colcon_build.sh)")
 def test_policy_node_recorder_converter_round_trip(tmp_path: Path, ros_context) -> None:
     from q_transformer_ros.core.checkpoint import save_untrained_checkpoint
-    from q_transformer_ros.core.dataset import ReplayDataset
+    from q_transformer_ros.core.replay_dataset import ReplayDataset
     from q_transformer_ros.core.policy import QTransformerPolicy
     from q_transformer_ros.data.convert import main as convert_main
 

@@ -37,7 +37,7 @@ from sensor_msgs.msg import Image  # noqa: E402
 from std_msgs.msg import Bool, Float64MultiArray, String  # noqa: E402
 from std_srvs.srv import Trigger  # noqa: E402
 
-from q_transformer_ros.data.contract import ContractError  # noqa: E402
+from q_transformer_ros.contract import ContractError  # noqa: E402
 from q_transformer_ros.ros.expert_node import ExpertNode  # noqa: E402
 from q_transformer_ros.ros.qos import COMMAND_QOS, DIAGNOSTIC_QOS, INSTRUCTION_QOS, SENSOR_QOS  # noqa: E402
 from q_transformer_ros.ros.sim_node import SimNode  # noqa: E402

@@ -169,8 +169,8 @@ def test_broken_gl_names_mujoco_gl(tmp_path: Path) -> None:
 
 def test_agent_collects_through_the_adapter(tmp_path: Path) -> None:
     from q_transformer_ros.core.agent import Agent, AgentConfig
-    from q_transformer_ros.core.dataset.reader import ReplayDataset
-    from q_transformer_ros.data.contract import load_contract
+    from q_transformer_ros.core.replay_dataset import ReplayDataset
+    from q_transformer_ros.contract import load_contract
     from q_transformer_ros.sim.agent_env import MetaWorldEnvironment
 
     contract = load_contract(REPO / "config" / "contract_ee_arm.yaml")

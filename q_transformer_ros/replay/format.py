@@ -23,7 +23,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from q_transformer_ros.data.contract import RobotContract
+from q_transformer_ros.contract import RobotContract
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"

@@ -21,12 +21,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from q_transformer_ros.core.dataset.format import (
+from q_transformer_ros.replay.format import (
     ACTIONS_FILE, CHUNKS_DIR, EMBEDDINGS_DIR, MANIFEST_NAME, MC_RETURNS_FILE, REWARDS_FILE, STEP_ARRAYS,
     TERMINALS_FILE, TRUNCATED_FILE, DatasetError, Manifest, frames_file, read_manifest,
 )
-from q_transformer_ros.core.dataset.returns import discounted_returns, n_step_layout, n_step_rewards
-from q_transformer_ros.data.contract import RobotContract
+from q_transformer_ros.replay.returns import discounted_returns, n_step_layout, n_step_rewards
+from q_transformer_ros.contract import RobotContract
 
 
 class ReplaySample(TypedDict):

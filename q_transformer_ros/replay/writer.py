@@ -27,14 +27,14 @@ from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 import numpy as np
 
-from q_transformer_ros.core.dataset.format import (
+from q_transformer_ros.replay.format import (
     ACTIONS_FILE, CHUNKS_DIR, EMBEDDINGS_DIR, LOCK_NAME, MANIFEST_NAME, MANIFEST_TMP_NAME, MC_RETURNS_FILE,
     NO_INSTRUCTION, REWARDS_FILE, STEP_ARRAYS, TERMINALS_FILE, TMP_PREFIX, TRUNCATED_FILE, ChunkEntry,
     DatasetError, EpisodeEntry, Manifest, embedding_file, frames_file, fsync_dir, read_manifest,
     write_bytes_atomic, write_manifest,
 )
-from q_transformer_ros.core.dataset.returns import discounted_returns
-from q_transformer_ros.data.contract import RobotContract
+from q_transformer_ros.replay.returns import discounted_returns
+from q_transformer_ros.contract import RobotContract
 
 _NPY_HEADER_BYTES = 256
 """Fixed header size of the .npy files we stream, so the final shape can be written in place."""

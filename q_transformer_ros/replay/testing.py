@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from q_transformer_ros.core.dataset.writer import EpisodeData
-from q_transformer_ros.data.contract import (
+from q_transformer_ros.replay.writer import EpisodeData
+from q_transformer_ros.contract import (
     ActionDimSpec, CameraSpec, FieldRef, InstructionSpec, RobotContract, SuccessSpec,
 )
 
