@@ -2,15 +2,17 @@
 
 Per bag, in a worker process:
 1. open it (any rosbag2 / ROS 1 form) and check every contract topic is there with the right type;
-2. pass 1 (``_read_small_topics``) reads the small topics (action sources, instruction, success,
-   episode markers) and the step camera's frame times, and ``build_spans`` cuts the bag into episode
+2. pass 1 (``_read_small_topics``) reads the small topics (action sources, state inputs, instruction,
+   success, episode markers) and the step camera's frame times, and ``build_spans`` cuts the bag into episode
    spans (whole bag, episode topic or time gaps; an instruction change or a success message also ends
    a span);
 3. ``plan_span`` applies THE pairing rule (``sync.plan_steps``, written down in ``sync.py``): decision
    moments from the step camera, each step's command from its response window;
 4. pass 2 (``_select_frames``) streams the camera topics and decodes only frames that some step
    selects, with the same ``frame_from_msg`` the policy node uses;
-5. ``build_episodes`` drops stale steps (every drop counted with its reason), splits a span where a
+5. ``build_episodes`` samples each state input at the decision moments (``sync.values_at``: the newest
+   value at or before, the rule of the non-step cameras), drops stale steps (a frame or a state value
+   too old, a state value missing or not finite; every drop counted with its reason), splits a span where a
    gap was dropped, labels success and makes a labelled outcome terminal; ``summarize`` fills the report.
 The parent writes each bag's episodes in one dataset transaction (a bag is all or nothing; finished
 bags survive a failure or a kill). Episode ids are ``<bag identity>:<span>:<run>``, so a re-run skips
@@ -38,9 +40,9 @@ from q_transformer_ros.contract import (
 )
 from q_transformer_ros.data.image import ImageError, frame_from_msg
 from q_transformer_ros.data.labels import Labels, LabelsError, load_labels
-from q_transformer_ros.data.messages import FieldError, group_dims_by_topic, read_field
+from q_transformer_ros.data.messages import FieldError, JointNotInMessage, group_dims_by_topic, read_field
 from q_transformer_ros.data.sync import (
-    NS, AgeStats, DimStream, LatestFrameSelector, StepPlan, actions_for_steps, plan_steps, valid_runs,
+    NS, AgeStats, DimStream, LatestFrameSelector, StepPlan, actions_for_steps, plan_steps, valid_runs, values_at,
 )
 
 UNLABELED_CHOICES = ("refuse", "failure", "skip")
@@ -148,6 +150,10 @@ class ConvertedEpisode:
     """int64 (k,) each step's decision moment (bag receive time); for the report, not stored."""
     frame_times_ns: dict[str, np.ndarray] = field(default_factory=dict)
     """camera -> int64 (k,) receive time of the frame each step uses; for the report, not stored."""
+    state: np.ndarray | None = None
+    """float32 (k, S) each state input's newest value at the decision moment (None: the contract has none)."""
+    state_times_ns: np.ndarray | None = None
+    """int64 (k, S) receive time of each state value used; for the report, not stored."""
 
 
 @dataclass
@@ -172,6 +178,14 @@ class BagReport:
     action_max: list[float] = field(default_factory=list)
     clipped: dict[str, int] = field(default_factory=dict)
     """Action dim -> steps whose action lies outside the contract range (clipped into the edge bins)."""
+    state_min: list[float] = field(default_factory=list)
+    """Per state input (contract order), the smallest value stored."""
+    state_max: list[float] = field(default_factory=list)
+    state_outside: dict[str, int] = field(default_factory=dict)
+    """State input -> steps whose value lies outside the contract's low/high (the model sees it beyond +-1)."""
+    state_age_p50_s: dict[str, float | None] = field(default_factory=dict)
+    """State input -> median age of its value at the decision moment (None: no step written)."""
+    state_age_p99_s: dict[str, float | None] = field(default_factory=dict)
     instructions: list[str] = field(default_factory=list)
     error: str = ""
 
@@ -205,6 +219,8 @@ def _check_topics(bag: BagReader, cfg: ConvertConfig) -> None:
     for group in group_dims_by_topic(c.action_dims, "source"):
         dims = ", ".join(c.action_dims[i].name for i in group.dim_indices)
         bag.require_topic(group.topic, (group.msg_type,), f"action ({dims}) source")
+    for s in c.state_inputs:
+        bag.require_topic(s.source.topic, (s.source.msg_type,), f"state input '{s.name}'")
     info = bag.info
     assert info is not None
     if c.instruction.topic and c.instruction.topic in info.topics and cfg.instruction is None:
@@ -222,6 +238,8 @@ class SmallTopics(NamedTuple):
 
     streams: list[DimStream]
     """Per action dim, its source field's values over time."""
+    states: list[DimStream]
+    """Per state input (contract order), its field's values over time (NaN/inf kept: such steps are dropped)."""
     command_ns: np.ndarray
     """Receive times of the messages on the ``absolute`` dims' source topics (the commands), sorted."""
     step_frames_ns: np.ndarray
@@ -243,7 +261,10 @@ def _read_small_topics(bag: BagReader, cfg: ConvertConfig) -> SmallTopics:
     ins_topic = c.instruction.topic if (c.instruction.topic in info.topics and cfg.instruction is None) else None
     suc_topic = c.success.topic if c.success.topic in info.topics else None
     ep_topic = cfg.split.topic if cfg.split.mode == "topic" else None
-    topics = [g.topic for g in groups] + [t for t in (step_topic, ins_topic, suc_topic, ep_topic) if t]
+    state_readers = {topic: _StateTopicReader(bag.path, topic, [(i, s) for i, s in enumerate(c.state_inputs)
+                                                                if s.source.topic == topic])
+                     for topic in dict.fromkeys(s.source.topic for s in c.state_inputs)}
+    topics = [g.topic for g in groups] + list(state_readers) + [t for t in (step_topic, ins_topic, suc_topic, ep_topic) if t]
     dim_t: list[list[int]] = [[] for _ in c.action_dims]
     dim_v: list[list[float]] = [[] for _ in c.action_dims]
     first_error: list[str | None] = [None] * len(c.action_dims)
@@ -256,9 +277,11 @@ def _read_small_topics(bag: BagReader, cfg: ConvertConfig) -> SmallTopics:
     for topic, t, raw in bag.messages(list(dict.fromkeys(topics))):
         if topic == step_topic:
             step_t.append(t)  # only its time: images are decoded in pass 2, and only those a step selects
-            if topic not in by_topic and topic not in (ins_topic, suc_topic, ep_topic):
+            if topic not in by_topic and topic not in state_readers and topic not in (ins_topic, suc_topic, ep_topic):
                 continue
         msg = bag.deserialize(raw, topic)
+        if topic in state_readers:
+            state_readers[topic].add(t, msg)
         group = by_topic.get(topic)
         if group is not None:
             for i, ref in zip(group.dim_indices, group.refs):
@@ -286,8 +309,52 @@ def _read_small_topics(bag: BagReader, cfg: ConvertConfig) -> SmallTopics:
         times = np.asarray(dim_t[i], dtype=np.int64)
         order = np.argsort(times, kind="stable")
         streams.append(DimStream(times[order], np.asarray(dim_v[i], dtype=np.float64)[order]))
-    return SmallTopics(streams, np.sort(np.asarray(command_t, dtype=np.int64)), np.sort(np.asarray(step_t, dtype=np.int64)),
-                       instructions, successes, markers)
+    states: list[DimStream | None] = [None] * len(c.state_inputs)
+    for reader in state_readers.values():
+        for i, stream in reader.streams().items():
+            states[i] = stream
+    return SmallTopics(streams, [s for s in states if s is not None], np.sort(np.asarray(command_t, dtype=np.int64)),
+                       np.sort(np.asarray(step_t, dtype=np.int64)), instructions, successes, markers)
+
+
+class _StateTopicReader:
+    """The state inputs read from one topic: their values over time, and errors that name bag, topic and field.
+
+    A field that does not exist or is not a number is an error at the first message (it is wrong in
+    every message); a joint missing from some messages is not (arm and gripper may be published as
+    separate JointState messages on one topic), only from all of them."""
+
+    def __init__(self, bag_path: Path, topic: str, inputs: list[tuple[int, Any]]) -> None:
+        self.bag_path, self.topic, self.inputs = bag_path, topic, inputs
+        self.times: dict[int, list[int]] = {i: [] for i, _ in inputs}
+        self.values: dict[int, list[float]] = {i: [] for i, _ in inputs}
+        self.missing_joint: dict[int, str] = {}
+        self.messages = 0
+
+    def add(self, t: int, msg: Any) -> None:
+        self.messages += 1
+        for i, spec in self.inputs:
+            try:
+                value = read_field(msg, spec.source)
+            except JointNotInMessage as e:
+                self.missing_joint.setdefault(i, str(e))
+                continue
+            except FieldError as e:
+                raise BagError(f"{self.bag_path}: state input '{spec.name}': message at t={t / NS:.3f}s: {e}") from None
+            self.times[i].append(t)
+            self.values[i].append(value)
+
+    def streams(self) -> dict[int, DimStream]:
+        out = {}
+        for i, spec in self.inputs:
+            if not self.times[i]:
+                why = self.missing_joint.get(i) or f"no messages on topic {self.topic}"
+                raise BagError(f"{self.bag_path}: state input '{spec.name}': no value read from topic {self.topic} "
+                               f"field '{spec.source.field}' in {self.messages} message(s): {why}")
+            times = np.asarray(self.times[i], dtype=np.int64)
+            order = np.argsort(times, kind="stable")
+            out[i] = DimStream(times[order], np.asarray(self.values[i], dtype=np.float64)[order])
+        return out
 
 
 def _base_spans(info: BagInfo, streams: list[DimStream], markers: list[tuple[int, Any]], split: EpisodeSplit,
@@ -470,6 +537,7 @@ def build_episodes(spans: list[Span], labels: list[Label], plans: list[StepPlan]
             valid &= ~none
             reasons[stale & valid] = f"stale frame from camera '{cam.name}' (> {cfg.frame_age_limit_s:g} s)"
             valid &= ~stale
+        state, state_t = sample_states(small.states, c, starts, limit_ns, cfg.frame_age_limit_s, valid, reasons)
         actions = np.zeros((k, c.num_action_dims), dtype=np.float64)
         for i, (d, stream) in enumerate(zip(c.action_dims, small.streams)):
             sa = actions_for_steps(stream, plan, d.mode, period_ns)
@@ -505,11 +573,38 @@ def build_episodes(spans: list[Span], labels: list[Label], plans: list[StepPlan]
                 source_id=f"{identity}:{si}:{ri}",
                 decision_ns=starts[a:b].copy(),
                 frame_times_ns={cam.name: frame_t[cam.name][idx] for cam in c.cameras},
+                state=state[a:b].astype(np.float32) if c.state_dim else None,
+                state_times_ns=state_t[a:b].copy() if c.state_dim else None,
                 metadata={"bag": str(path), "bag_name": bag_name(path), "episode_index": si, "run": ri,
                           "start_ns": int(starts[a]), "end_ns": int(plan.window_end_ns[b - 1]),
                           "control_rate_hz": c.control_rate_hz, "response_latency_s": plan.latency_ns / NS},
             ))
     return episodes
+
+
+def sample_states(states: list[DimStream], contract: RobotContract, starts: np.ndarray, limit_ns: int,
+                  limit_s: float, valid: np.ndarray, reasons: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every state input at the decision moments ``starts`` (rule 2, ``sync.values_at``) -> values
+    float64 (k, S) and their receive times int64 (k, S). Marks steps invalid in place, with the first
+    reason: no value yet, a value older than the frame-age limit (a stale state input is as stale as a
+    stale frame), or a non-finite value (never stored: the model must not learn from it)."""
+    k = len(starts)
+    values = np.zeros((k, contract.state_dim), dtype=np.float64)
+    times = np.full((k, contract.state_dim), -1, dtype=np.int64)
+    for j, (spec, stream) in enumerate(zip(contract.state_inputs, states)):
+        sampled = values_at(stream, starts)
+        values[:, j], times[:, j] = sampled.values, sampled.times_ns
+        where = f"state input '{spec.name}' on {spec.source.topic}"
+        none = sampled.times_ns < 0
+        reasons[none & valid] = f"no value yet for {where}"
+        valid &= ~none
+        stale = sampled.age_ns(starts) > limit_ns
+        reasons[stale & valid] = f"stale {where} (> {limit_s:g} s)"
+        valid &= ~stale
+        bad = ~np.isfinite(sampled.values)
+        reasons[bad & valid] = f"non-finite {where} (NaN/inf in the bag)"
+        valid &= ~bad
+    return values, times
 
 
 def _split_at(runs: list[tuple[int, int]], breaks: np.ndarray) -> list[tuple[int, int]]:
@@ -539,6 +634,7 @@ def summarize(report: BagReport, episodes: list[ConvertedEpisode], contract: Rob
         report.frame_age_p50_s[cam.name] = ages.percentile(50)
         report.frame_age_p99_s[cam.name] = ages.percentile(99)
     report.instructions = sorted({e.instruction for e in episodes if e.instruction is not None})
+    _summarize_state(report, episodes, contract)
     if episodes:
         acts = np.concatenate([e.actions for e in episodes])
         report.action_min = acts.min(axis=0).tolist()
@@ -551,6 +647,27 @@ def summarize(report: BagReport, episodes: list[ConvertedEpisode], contract: Rob
         report.status = "no episodes"
         report.error = report.error or ("; ".join(f"{n} step(s): {r}" for r, n in sorted(report.dropped.items()))
                                         or "no steps in the bag")
+
+
+def _summarize_state(report: BagReport, episodes: list[ConvertedEpisode], contract: RobotContract) -> None:
+    """Per state input: the range of values stored against the contract's low/high, and their ages."""
+    if not contract.state_dim:
+        return
+    for j, spec in enumerate(contract.state_inputs):
+        ages = AgeStats()
+        for e in episodes:
+            ages.add(e.decision_ns - e.state_times_ns[:, j])
+        report.state_age_p50_s[spec.name] = ages.percentile(50)
+        report.state_age_p99_s[spec.name] = ages.percentile(99)
+    if not episodes:
+        return
+    values = np.concatenate([e.state for e in episodes]).astype(np.float64)
+    report.state_min = values.min(axis=0).tolist()
+    report.state_max = values.max(axis=0).tolist()
+    for j, spec in enumerate(contract.state_inputs):
+        n = int(((values[:, j] < spec.low) | (values[:, j] > spec.high)).sum())
+        if n:
+            report.state_outside[spec.name] = n
 
 
 # ---------------------------------------------------------------------------------------------
@@ -670,6 +787,7 @@ def run_conversion(bags: Sequence[Path], out: Path, cfg: ConvertConfig, workers:
                             tx.add_episode(EpisodeData(
                                 frames=ep.frames, actions=ep.actions, success=ep.success, terminal=ep.terminal,
                                 instruction=ep.instruction, source_id=ep.source_id, metadata=ep.metadata,
+                                state=ep.state,
                             ))
                 reports.append(result.report)
                 bar.update(1)
@@ -745,7 +863,28 @@ def format_report(reports: Sequence[BagReport], contract: RobotContract) -> str:
         for i, d in enumerate(contract.action_dims):
             flag = "  CLIPPED" if mins[i] < d.low or maxs[i] > d.high else ""
             lines.append(f"  {d.name:<16} seen [{mins[i]:>9.4g}, {maxs[i]:>9.4g}]  contract [{d.low:>9.4g}, {d.high:>9.4g}]{flag}")
+    lines.extend(_state_report_lines(reports, contract))
     return "\n".join(lines)
+
+
+def _state_report_lines(reports: Sequence[BagReport], contract: RobotContract) -> list[str]:
+    """State inputs: the range seen in all bags vs the contract's low/high (what the model maps to
+    [-1, 1]), flagged when outside, with the values' age at the decision moment (p50/p99 over bags)."""
+    seen = [r for r in reports if r.state_min]
+    if not contract.state_dim or not seen:
+        return []
+    lines = ["state range seen vs contract (the model sees low..high as -1..1):"]
+    mins = np.min([r.state_min for r in seen], axis=0)
+    maxs = np.max([r.state_max for r in seen], axis=0)
+    for j, s in enumerate(contract.state_inputs):
+        outside = sum(r.state_outside.get(s.name, 0) for r in seen)
+        flag = f"  OUTSIDE in {outside} step(s)" if outside else ""
+        p50 = [r.state_age_p50_s.get(s.name) for r in seen if r.state_age_p50_s.get(s.name) is not None]
+        p99 = [r.state_age_p99_s.get(s.name) for r in seen if r.state_age_p99_s.get(s.name) is not None]
+        age = f"  age p50/p99 {_seconds(float(np.median(p50)) if p50 else None)}/{_seconds(max(p99) if p99 else None)} s"
+        lines.append(f"  {s.name:<16} seen [{mins[j]:>9.4g}, {maxs[j]:>9.4g}]  contract [{s.low:>9.4g}, {s.high:>9.4g}]"
+                     f"{age}{flag}")
+    return lines
 
 
 def report_json(reports: Sequence[BagReport]) -> str:

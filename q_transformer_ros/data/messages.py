@@ -32,6 +32,12 @@ class FieldError(ValueError):
     """A field reference that does not fit a message; the message names topic, type, field and value."""
 
 
+class JointNotInMessage(FieldError):
+    """The joint a field reference names is not in this message's joint list. Not always a fault: a
+    robot may publish its arm and its gripper as separate JointState messages on one topic, so readers
+    of a stream skip such messages (and complain only when no message has the joint)."""
+
+
 @lru_cache(maxsize=1024)
 def parse_field_path(path: str) -> tuple[tuple[str, int | None], ...]:
     """``'points[0].positions[2]'`` -> ``(('points', 0), ('positions', 2))``."""
@@ -57,7 +63,7 @@ def _joint_index(msg: Any, ref: FieldRef, create: bool) -> int:
     if ref.joint in names:
         return names.index(ref.joint)
     if not create:
-        raise FieldError(f"{_describe(ref)}: joint {ref.joint!r} not in message {list_field} {names}")
+        raise JointNotInMessage(f"{_describe(ref)}: joint {ref.joint!r} not in message {list_field} {names}")
     setattr(msg, list_field, [*names, ref.joint])
     return len(names)
 

@@ -10,7 +10,10 @@ it here; the policy node keeps it by acting this way, with ``DecisionClock``):
    previous decision frame: every frame of a camera at the control rate (even with +-40 % jitter
    between two frames), every third of a 30 Hz camera at 10 Hz.
 2. **Observation of step k** = the step camera's frame at ``D_k`` plus every other camera's newest
-   frame at or before ``D_k`` (never a later one). Its age over ``max_frame_age_s`` makes the step stale.
+   frame at or before ``D_k`` (never a later one), and each state input's newest value at or before
+   ``D_k`` (``values_at``; the node keeps the newest value per input and takes them at ``D_k``). A
+   frame or state value older than ``max_frame_age_s`` makes the step stale; a non-finite state value
+   makes it unusable (the converter drops it, the node stops).
 3. **Action of step k** = the command issued in response to that observation. A closed loop answers a
    frame after a response latency ``L`` (inference, a human's reaction), so the command of step k
    arrives around ``D_k + L``, possibly after the next frame when ``L`` is long, or before the frame's
@@ -184,12 +187,12 @@ def plan_steps(step_frames_ns: np.ndarray, commands_ns: np.ndarray, period_ns: i
 
 @dataclass
 class DimStream:
-    """All values of one action dim's source field in a bag, time-sorted."""
+    """All values of one field in a bag over time, time-sorted: an action dim's source, a state input."""
 
     times_ns: np.ndarray
-    """int64 (n,)"""
+    """int64 (n,) receive times"""
     values: np.ndarray
-    """float64 (n,)"""
+    """float64 (n,); NaN and inf are kept (a step that samples one must not be stored or commanded)"""
 
 
 @dataclass
@@ -229,6 +232,32 @@ def actions_for_steps(stream: DimStream, plan: StepPlan, mode: str, period_ns: i
     values = np.where(ok, stream.values[i1] - stream.values[i0], np.nan)
     age = np.where(at_obs >= 0, plan.decision_ns - stream.times_ns[i0], -1).astype(np.int64)
     return StepActions(values.astype(np.float64), ok, age, np.zeros(k, bool))
+
+
+class Sampled(NamedTuple):
+    """A stream sampled at decision moments (rule 2), arrays of length k."""
+
+    values: np.ndarray
+    """float64 (k,): the newest value at or before each moment; NaN where there is none yet."""
+    times_ns: np.ndarray
+    """int64 (k,): receive time of the value used; -1 where there is none yet."""
+
+    def age_ns(self, moments_ns: np.ndarray) -> np.ndarray:
+        """int64 (k,) age of the value used at each moment; -1 where there is none."""
+        return np.where(self.times_ns >= 0, np.asarray(moments_ns, np.int64) - self.times_ns, -1)
+
+
+def values_at(stream: DimStream, moments_ns: np.ndarray) -> Sampled:
+    """Rule 2 for a state input: the newest value at or before each decision moment, never a later one
+    (the same rule ``LatestFrameSelector`` applies to the other cameras' frames)."""
+    moments = np.asarray(moments_ns, dtype=np.int64)
+    if not len(stream.times_ns):
+        return Sampled(np.full(len(moments), np.nan), np.full(len(moments), -1, np.int64))
+    at = latest_at_or_before(stream.times_ns, moments)
+    ok = at >= 0
+    idx = np.clip(at, 0, None)
+    return Sampled(np.where(ok, stream.values[idx], np.nan).astype(np.float64),
+                   np.where(ok, stream.times_ns[idx], -1).astype(np.int64))
 
 
 class LatestFrameSelector:

@@ -1,12 +1,13 @@
 """Real bags for converter tests: written with rosbags' Writer, messages serialized via the typestore.
 
-`BagScript` records what was written (frames as arrays, commands as numbers, with times), so tests can
-compute the expected dataset from it independently of the converter.
+`BagScript` records what was written (frames as arrays, commands and state values as numbers, with
+times), so tests can compute the expected dataset from it independently of the converter.
 """
 
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,9 +61,16 @@ def f64_msg(values: list[float]) -> Any:
     return M["std_msgs/msg/Float64MultiArray"](layout=layout, data=np.asarray(values, dtype=np.float64))
 
 
-def joint_state_msg(names: list[str], positions: list[float], t_ns: int) -> Any:
+def joint_state_msg(names: list[str], positions: list[float], t_ns: int, velocities: list[float] | None = None) -> Any:
     return M["sensor_msgs/msg/JointState"](header=header(t_ns), name=names, position=np.asarray(positions, np.float64),
-                                          velocity=np.zeros(0), effort=np.zeros(0))
+                                          velocity=np.asarray(velocities or [], np.float64), effort=np.zeros(0))
+
+
+def pose_msg(x: float, y: float, z: float, t_ns: int) -> Any:
+    P = M["geometry_msgs/msg/Point"]
+    Q = M["geometry_msgs/msg/Quaternion"]
+    return M["geometry_msgs/msg/PoseStamped"](header=header(t_ns, "world"), pose=M["geometry_msgs/msg/Pose"](
+        position=P(x=x, y=y, z=z), orientation=Q(x=0.0, y=0.0, z=0.0, w=1.0)))
 
 
 def string_msg(text: str) -> Any:
@@ -109,6 +117,45 @@ def make_contract(**overrides: Any):
     return parse_contract(data, where="<test contract>")
 
 
+def _state_input(name: str, low: float, high: float, topic: str, msg_type: str, field_path: str, **ref: Any) -> dict:
+    return {"name": name, "low": low, "high": high,
+            "source": {"topic": topic, "msg_type": msg_type, "field": field_path, **ref}}
+
+
+STATE_INPUTS = [
+    _state_input("elbow_pos", -0.5, 0.5, "/joint_states", "sensor_msgs/msg/JointState", "position", joint="elbow"),
+    _state_input("elbow_vel", -2.0, 2.0, "/joint_states", "sensor_msgs/msg/JointState", "velocity", joint="elbow"),
+    _state_input("ee_x", -0.6, 0.6, "/ee_pose", "geometry_msgs/msg/PoseStamped", "pose.position.x"),
+    _state_input("ee_z", 0.0, 0.8, "/ee_pose", "geometry_msgs/msg/PoseStamped", "pose.position.z"),
+    _state_input("grip_width", 0.0, 0.08, "/gripper_state", "std_msgs/msg/Float64MultiArray", "data[1]"),
+]
+"""State inputs of ``TEST_CONTRACT`` episodes made with ``state=StateTopics()``: a JointState by joint
+name (position and velocity; the joint order changes between messages), two fields of a PoseStamped
+and one element of a Float64MultiArray."""
+
+
+def make_state_contract(**overrides: Any):
+    return make_contract(**{"state_inputs": STATE_INPUTS, **overrides})
+
+
+@dataclass(frozen=True)
+class StateTopics:
+    """Robot-state topics an episode records, each at its own rate with its own timing jitter, the way
+    drivers publish them (not in step with the camera): ``/joint_states`` (JointState, shoulder and
+    elbow in a changing order, positions and velocities), ``/ee_pose`` (PoseStamped) and
+    ``/gripper_state`` (Float64MultiArray ``[effort, width]``)."""
+
+    joint_hz: float = 100.0
+    pose_hz: float = 30.0
+    gripper_hz: float = 20.0
+    jitter: float = 0.3
+    """Per-message timing jitter, +- this fraction of each topic's own period."""
+    pose_silent_s: tuple[float, float] | None = None
+    """(start, end) in seconds from t0: the pose topic publishes nothing (its driver hung)."""
+    gripper_nan_s: tuple[float, float] | None = None
+    """(start, end) in seconds from t0: the gripper reports NaN width (a sensor fault)."""
+
+
 @dataclass
 class TrueStep:
     """One control step as the generator's controller lived it: what it saw and what it sent."""
@@ -119,6 +166,8 @@ class TrueStep:
     """camera topic -> (t_ns, source array, encoding) of the newest frame it had."""
     action: np.ndarray
     """float64 (dims,) in contract order: the command it sent (absolute) / the joint's change (delta)."""
+    state: dict[str, tuple[int, float] | None] = field(default_factory=dict)
+    """state input name -> (t_ns, value) of the newest value it had (None: none yet); empty without state topics."""
 
 
 @dataclass
@@ -130,6 +179,8 @@ class BagScript:
     """topic -> [(t_ns, source array as decoded, encoding)]"""
     values: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     """action dim name -> [(t_ns, value)]"""
+    state_values: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    """state input name -> [(t_ns, value)] as published (NaN included)"""
     steps: list[TrueStep] = field(default_factory=list)
     """The controller's steps in time order (the ground truth a converter must recover)."""
 
@@ -163,7 +214,7 @@ def make_episode(seed: int = 0, t0: float = 1.0, duration: float = 2.0, instruct
                  success: bool | None = True, latency: float = 0.3, jitter: float = 0.1, front_hz: float | None = None,
                  front_jitter: float | None = None, wrist_hz: float = 8.0, teleop_hz: float | None = None,
                  front_encoding: str = "bgr8", wrist_format: str = "png", camera_gap: tuple[float, float] | None = None,
-                 max_gap_s: float = 0.3, script: BagScript | None = None) -> BagScript:
+                 max_gap_s: float = 0.3, state: StateTopics | None = None, script: BagScript | None = None) -> BagScript:
     """An episode recorded the way a closed loop records it (contract: ``TEST_CONTRACT``, 10 Hz).
 
     The front camera (the step camera) sends a frame each control period (or at ``front_hz``; the
@@ -178,7 +229,9 @@ def make_episode(seed: int = 0, t0: float = 1.0, duration: float = 2.0, instruct
     ``success`` True/False: after the last step a final frame shows the outcome and the success topic
     says it 0.5 ms later (followed by one more command, as a controller that has not heard yet would
     send); None: nothing. ``camera_gap`` (start, end) in seconds from t0: the front camera is silent
-    (no decisions, no commands). Each true step records the frames the controller had and what it sent.
+    (no decisions, no commands). ``state``: robot-state topics recorded too (``StateTopics``; joint
+    states then at its ``joint_hz`` with jitter, with velocities). Each true step records the frames and
+    state values the controller had and what it sent.
     """
     rng = np.random.default_rng(seed)
     s = script or BagScript()
@@ -204,16 +257,31 @@ def make_episode(seed: int = 0, t0: float = 1.0, duration: float = 2.0, instruct
         s.add(wrist, "sensor_msgs/msg/CompressedImage", t, msg)
         s.frames.setdefault(wrist, []).append((t, arr, "rgb8"))
         t += int(NS / wrist_hz)
-    # joint states at 50 Hz: the elbow walks
+    # joint states at 50 Hz (or the state topics' rate, jittered): the elbow walks
     elbow, joints = 0.0, []
     t = start + int(0.002 * NS)
+    state_rng = np.random.default_rng(seed + 7919)  # the other streams stay as they were without state
     while t <= end + 2 * period:
+        step = elbow
         elbow += float(rng.uniform(-0.01, 0.01))
-        names, pos = (["shoulder", "elbow"], [0.5, elbow]) if rng.random() < 0.5 else (["elbow", "shoulder"], [elbow, 0.5])
-        s.add("/joint_states", "sensor_msgs/msg/JointState", t, joint_state_msg(names, pos, t))
+        if state is None:
+            names, pos = (["shoulder", "elbow"], [0.5, elbow]) if rng.random() < 0.5 else (["elbow", "shoulder"], [elbow, 0.5])
+            s.add("/joint_states", "sensor_msgs/msg/JointState", t, joint_state_msg(names, pos, t))
+            t_next = t + int(NS / 50)
+        else:
+            vel = (elbow - step) * state.joint_hz
+            flip = state_rng.random() < 0.5
+            names, pos, v = (["elbow", "shoulder"], [elbow, 0.5], [vel, 0.0]) if flip else \
+                (["shoulder", "elbow"], [0.5, elbow], [0.0, vel])
+            s.add("/joint_states", "sensor_msgs/msg/JointState", t, joint_state_msg(names, pos, t, v))
+            s.state_values.setdefault("elbow_pos", []).append((t, elbow))
+            s.state_values.setdefault("elbow_vel", []).append((t, vel))
+            t_next = t + _jittered(state_rng, state.joint_hz, state.jitter)
         s.values.setdefault("elbow", []).append((t, elbow))
         joints.append((t, elbow))
-        t += int(NS / 50)
+        t = t_next
+    if state is not None:
+        _add_pose_and_gripper(s, state, state_rng, start, end + 2 * period)
 
     def send(t: int) -> tuple[float, float, float]:
         vx, vy, g = (float(v) for v in rng.uniform(-0.9, 0.9, size=3))
@@ -272,5 +340,34 @@ def make_episode(seed: int = 0, t0: float = 1.0, duration: float = 2.0, instruct
             g = _newest([(t + 400_000, v[2]) for t, v in teleop], nxt)
         action = np.array([vx, vy, g, _newest(joints, nxt) - _newest(joints, d)])
         frames = {topic: _newest([(e[0], e) for e in s.frames[topic]], d) for topic in (front, wrist)}
-        s.steps.append(TrueStep(d, frames, action))
+        seen = {name: _newest([(te, (te, v)) for te, v in events], d) for name, events in s.state_values.items()}
+        s.steps.append(TrueStep(d, frames, action, seen))
     return s
+
+
+def _jittered(rng: np.random.Generator, hz: float, jitter: float) -> int:
+    """The next message of a topic at ``hz`` is a period later, +- ``jitter`` of its period."""
+    return max(1_000_000, int(NS / hz * (1.0 + rng.uniform(-jitter, jitter))))
+
+
+def _add_pose_and_gripper(s: BagScript, state: StateTopics, rng: np.random.Generator, start: int, stop: int) -> None:
+    """``/ee_pose`` and ``/gripper_state`` at their own rates over [start, stop], with the silences and
+    faults ``state`` asks for; every published value is recorded in ``s.state_values``."""
+    def inside(t: int, window: tuple[float, float] | None) -> bool:
+        return window is not None and start + window[0] * NS <= t < start + window[1] * NS
+
+    x, z, t = 0.1, 0.3, start + int(0.004 * NS)
+    while t <= stop:
+        x, z = x + float(rng.uniform(-0.01, 0.01)), z + float(rng.uniform(-0.01, 0.01))
+        if not inside(t, state.pose_silent_s):
+            s.add("/ee_pose", "geometry_msgs/msg/PoseStamped", t, pose_msg(x, 0.7, z, t))
+            s.state_values.setdefault("ee_x", []).append((t, x))
+            s.state_values.setdefault("ee_z", []).append((t, z))
+        t += _jittered(rng, state.pose_hz, state.jitter)
+    width, t = 0.04, start + int(0.006 * NS)
+    while t <= stop:
+        width = float(np.clip(width + rng.uniform(-0.005, 0.005), 0.0, 0.08))
+        shown = math.nan if inside(t, state.gripper_nan_s) else width
+        s.add("/gripper_state", "std_msgs/msg/Float64MultiArray", t, f64_msg([1.5, shown]))
+        s.state_values.setdefault("grip_width", []).append((t, shown))
+        t += _jittered(rng, state.gripper_hz, state.jitter)
