@@ -1,15 +1,16 @@
 """The policy node's behaviour without ROS: what it commands, when it stops, and why.
 
-``ControlLoop`` holds the inputs (newest frame per camera, delta dims' source values, instruction,
-enable and lifecycle state), the decision moments (the pairing rule's live side, ``DecisionClock``),
+``ControlLoop`` holds the inputs (newest frame per camera, newest value per state input, delta dims'
+source values, instruction, enable and lifecycle state), the decision moments (the pairing rule's live side, ``DecisionClock``),
 and the safety state machine. The node is a thin shell: its callbacks feed the loop, its inference
 thread calls ``step``, and the loop hands commands, stops and reports back through callbacks. Tested
 with a fake clock (``test/control/test_control_loop.py``), no DDS needed.
 
 Rules the loop enforces, every step:
 
-- a command is built only from inputs within their age limit (every camera frame, every delta dim's
-  source value) and finite (the decided action, the sources, and their sum), checked before the
+- a command is built only from inputs within their age limit (every camera frame, every state input,
+  every delta dim's source value) and finite (the state inputs, the decided action, the sources, and
+  their sum), checked before the
   decision and again at the moment the command is published: a slow decision never sends a command
   built from inputs that went stale while it ran;
 - otherwise the contract's stop behaviour is sent once (``zero``: one all-zero command, delta dims
@@ -34,6 +35,7 @@ import numpy as np
 
 from q_transformer_ros.contract import RobotContract
 from q_transformer_ros.data.sync import DecisionClock
+from q_transformer_ros.observation import Observation
 
 NS = 1_000_000_000
 MAX_INSTRUCTION_CHARS = 1000
@@ -55,6 +57,18 @@ class Frame:
     """uint8 (3, H, W), through the shared preprocessing (data.image.frame_from_msg)."""
     stamp_ns: int
     """Capture time (header stamp) or, without one, the time it arrived; nanoseconds."""
+    received_ns: int
+    """Time it arrived, nanoseconds (the node's clock)."""
+
+
+@dataclass
+class StateValue:
+    """The newest value of one state input (the model's robot-state observation)."""
+
+    value: float
+    """Raw, in the source's units (NaN and inf are kept: the loop stops on them)."""
+    stamp_ns: int
+    """Header stamp of the message or, without one, the time it arrived; nanoseconds (ages count from it)."""
     received_ns: int
     """Time it arrived, nanoseconds (the node's clock)."""
 
@@ -100,6 +114,8 @@ class StepReport:
     decision: Any | None = None
     """The policy's Decision when a command was published."""
     stop_reason: str | None = None
+    states: dict[str, StateValue] = field(default_factory=dict)
+    """State input name -> the value the step used (or found, when it stopped)."""
 
 
 @dataclass
@@ -157,9 +173,10 @@ class ControlLoop:
 
         self._lock = threading.Lock()
         self._frames: dict[str, Frame] = {}
+        self._states: dict[str, StateValue] = {}
         self._sources: dict[int, SourceValue] = {}
         self._decision_clock = DecisionClock(config.period_ns)
-        self._decision_inputs: tuple[dict[str, Frame], dict[int, SourceValue]] | None = None
+        self._decision_inputs: tuple[dict[str, Frame], dict[str, StateValue], dict[int, SourceValue]] | None = None
         self._decision_pending = False
         self._in_step = False
         self._instruction = _Instruction()
@@ -187,7 +204,8 @@ class ControlLoop:
                 self._frames[camera] = Frame(image, int(stamp_ns), int(received_ns))
             if camera != self.step_camera or not self._decision_clock.offer(received_ns):
                 return False
-            self._decision_inputs = (dict(self._frames), dict(self._sources))  # the observation of this moment
+            # the observation of this moment: every input's newest value at or before it (sync.py, rule 2)
+            self._decision_inputs = (dict(self._frames), dict(self._states), dict(self._sources))
             return True
 
     def on_bad_frame(self, camera: str) -> int:
@@ -196,6 +214,25 @@ class ControlLoop:
             self.counters.received[camera] += 1
             self.counters.bad_frames[camera] += 1
             return self.counters.bad_frames[camera]
+
+    def on_state(self, state: int | str, value: float, stamp_ns: int, received_ns: int) -> None:
+        """A state input's newest value (by index in ``contract.state_inputs`` or by name). NaN and inf are
+        stored and make the loop stop; a value stamped older than the one held is ignored (never go back
+        in time, as for frames)."""
+        name = self.state_name(state)
+        with self._lock:
+            current = self._states.get(name)
+            if current is None or stamp_ns >= current.stamp_ns:
+                self._states[name] = StateValue(float(value), int(stamp_ns), int(received_ns))
+
+    def state_name(self, state: int | str) -> str:
+        """The name of a state input given by index or name; KeyError names the contract's inputs."""
+        names = [s.name for s in self.contract.state_inputs]
+        if isinstance(state, str) and state in names:
+            return state
+        if isinstance(state, int) and not isinstance(state, bool) and 0 <= state < len(names):
+            return names[state]
+        raise KeyError(f"contract '{self.contract.name}' has no state input {state!r} (state inputs: {names})")
 
     def on_source(self, dim: int, value: float, received_ns: int) -> None:
         """A delta dim's measured source value (NaN and inf are stored and make the loop stop)."""
@@ -284,6 +321,10 @@ class ControlLoop:
         with self._lock:
             return dict(self._frames)
 
+    def states(self) -> dict[str, StateValue]:
+        with self._lock:
+            return dict(self._states)
+
     def instruction_state(self) -> tuple[str | None, str | None, bool]:
         """(requested instruction, error, embedding pending)."""
         with self._lock:
@@ -296,13 +337,14 @@ class ControlLoop:
     def _usable(self, instruction: str | None) -> str | None:
         return instruction if instruction is not None else self.fallback_instruction
 
-    def _inputs(self, decision: bool) -> tuple[dict[str, Frame], dict[int, SourceValue], str | None, str | None, bool]:
-        """(frames, sources, instruction, reason it cannot be used, commanding allowed)."""
+    def _inputs(self, decision: bool) -> tuple[dict[str, Frame], dict[str, StateValue], dict[int, SourceValue],
+                                               str | None, str | None, bool]:
+        """(frames, states, sources, instruction, reason it cannot be used, commanding allowed)."""
         with self._lock:
             if decision and self._decision_inputs is not None:
-                frames, sources = self._decision_inputs
+                frames, states, sources = self._decision_inputs
             else:
-                frames, sources = self._frames, self._sources
+                frames, states, sources = self._frames, self._states, self._sources
             ins = self._instruction
             instruction = self._usable(ins.requested)
             problem = None
@@ -310,13 +352,13 @@ class ControlLoop:
                 problem = f"instruction {ins.requested[:60]!r} rejected ({ins.error})"
             elif ins.pending:
                 problem = f"embedding instruction {ins.requested[:60]!r} (off the control path; the first unknown one builds the text model)"
-            return dict(frames), dict(sources), instruction, problem, self._enabled and self._active
+            return dict(frames), dict(states), dict(sources), instruction, problem, self._enabled and self._active
 
     def input_problem(self, now_ns: int, frames: dict[str, Frame], sources: dict[int, SourceValue],
-                      instruction: str | None) -> str | None:
+                      instruction: str | None, states: dict[str, StateValue] | None = None) -> str | None:
         """Why these inputs must not produce a command at ``now_ns`` (None: they may)."""
         limit = self.config.max_frame_age_s
-        problem = self.camera_problem(now_ns, frames)
+        problem = self.camera_problem(now_ns, frames) or self.state_problem(now_ns, states or {})
         if problem is not None:
             return problem
         if instruction is None and not self.contract.instruction.allow_none:
@@ -345,24 +387,41 @@ class ControlLoop:
                 return f"camera '{cam.name}' is stale: frame {age:.3f} s old > {limit} s"
         return None
 
+    def state_problem(self, now_ns: int, states: dict[str, StateValue]) -> str | None:
+        """A missing, non-finite or stale state input at ``now_ns`` (None: every one is usable). Stale
+        means older than ``max_frame_age_s``, the cameras' limit: the converter drops such steps too."""
+        limit = self.config.max_frame_age_s
+        for spec in self.contract.state_inputs:
+            where = f"state input '{spec.name}' ({spec.source.topic} {spec.source.field}" + \
+                    (f", joint {spec.source.joint!r})" if spec.source.joint else ")")
+            v = states.get(spec.name)
+            if v is None:
+                return f"no value yet for {where}"
+            if not math.isfinite(v.value):
+                return f"{where} is {v.value} (not finite)"
+            age = (now_ns - v.stamp_ns) / NS
+            if age > limit:
+                return f"{where} is stale: last value {age:.3f} s old > {limit} s"
+        return None
+
     def step(self, decision: bool = True) -> StepReport:
         """One step. ``decision``: a decision moment (decide and command); otherwise a watchdog check
         (stop on bad inputs, never command). Never raises: a failing model stops the robot."""
         now = self._clock_ns()
-        frames, sources, instruction, problem, allowed = self._inputs(decision)
+        frames, states, sources, instruction, problem, allowed = self._inputs(decision)
         try:
             if instruction != self._active_instruction and problem is None:
                 self._restart(instruction, "instruction changed")
             if not allowed:
-                return self._stop_report(now, frames, instruction, "disabled (~/enable false or lifecycle inactive)")
-            reason = problem or self.input_problem(now, frames, sources, instruction)
+                return self._stop_report(now, frames, instruction, "disabled (~/enable false or lifecycle inactive)", states)
+            reason = problem or self.input_problem(now, frames, sources, instruction, states)
             if reason is not None:
-                return self._stop_report(now, frames, instruction, reason)
+                return self._stop_report(now, frames, instruction, reason, states)
             if not decision:
-                return StepReport(now, frames, instruction, commanded=False, stop_reason=self.stop_reason)
+                return StepReport(now, frames, instruction, commanded=False, stop_reason=self.stop_reason, states=states)
             if self._stopped:
                 self._restart(instruction, f"resuming after: {self._stop_reason}")
-            result = self._decide({name: f.image for name, f in frames.items()})
+            result = self._decide(frames, states)
             action = np.asarray(result.action, dtype=np.float64)
             if action.shape != (self.contract.num_action_dims,) or not np.all(np.isfinite(action)) \
                     or not math.isfinite(float(result.value)):
@@ -373,7 +432,7 @@ class ControlLoop:
             if not np.all(np.isfinite(values)):
                 raise FloatingPointError(f"non-finite command {values} (action {action} plus delta bases)")
             published = self._clock_ns()
-            reason = self.input_problem(published, frames, sources, instruction)
+            reason = self.input_problem(published, frames, sources, instruction, states)
             with self._lock:  # a change of enable, lifecycle or instruction while deciding
                 allowed_now = self._enabled and self._active
                 ins = self._instruction
@@ -381,17 +440,33 @@ class ControlLoop:
             if reason is not None or not allowed_now or changed:
                 why = reason or ("disabled while deciding" if not allowed_now else "instruction changed while deciding")
                 return self._stop_report(published, frames, instruction,
-                                         f"{why} (at publish time, after a {(published - now) / NS:.3f} s decision)")
+                                         f"{why} (at publish time, after a {(published - now) / NS:.3f} s decision)", states)
             self._publish(values, published, list(range(len(self.output_groups))))
         except Exception as e:  # noqa: BLE001 - a failed step must stop the robot, not the loop
             self.log.error(f"control step failed, stopping: {type(e).__name__}: {e}")
-            return self._stop_report(self._clock_ns(), frames, instruction, f"error: {type(e).__name__}: {e}")
+            return self._stop_report(self._clock_ns(), frames, instruction, f"error: {type(e).__name__}: {e}", states)
         self._stopped = False
         self.counters.decisions += 1
-        return self._emit(StepReport(now, frames, instruction, commanded=True, decision=result))
+        return self._emit(StepReport(now, frames, instruction, commanded=True, decision=result, states=states))
 
-    def _decide(self, images: dict[str, np.ndarray]) -> Any:
-        self.policy.push_frames(images)
+    def observation(self, frames: dict[str, Frame], states: dict[str, StateValue]) -> Observation:
+        """The policy's input of one decision moment: the frames and the state inputs in contract order
+        (float32, as the dataset stores them, so the model normalises live values exactly as in training)."""
+        images = {name: f.image for name, f in frames.items()}
+        stamps = {name: f.stamp_ns for name, f in frames.items()}
+        if not self.contract.state_dim:
+            return Observation(frames=images, stamps_ns=stamps)
+        names = [s.name for s in self.contract.state_inputs]
+        stamps.update({name: states[name].stamp_ns for name in names})
+        state = np.array([states[name].value for name in names], dtype=np.float32)
+        return Observation(frames=images, state=state, stamps_ns=stamps)
+
+    def _decide(self, frames: dict[str, Frame], states: dict[str, StateValue]) -> Any:
+        obs = self.observation(frames, states)
+        if self.contract.state_dim:
+            self.policy.push(obs)
+        else:  # contracts without state: the frames-only shortcut every policy has
+            self.policy.push_frames(dict(obs.frames))
         if self.config.use_streaming or not hasattr(self.policy, "decide_full"):
             return self.policy.decide()
         return self.policy.decide_full()
@@ -402,9 +477,10 @@ class ControlLoop:
             self.log.info(f"history cleared ({why}); conditioning on {instruction!r}")
         self._active_instruction = instruction
 
-    def _stop_report(self, now: int, frames: dict[str, Frame], instruction: str | None, reason: str) -> StepReport:
+    def _stop_report(self, now: int, frames: dict[str, Frame], instruction: str | None, reason: str,
+                     states: dict[str, StateValue] | None = None) -> StepReport:
         self.stop(reason, now)
-        return self._emit(StepReport(now, frames, instruction, commanded=False, stop_reason=reason))
+        return self._emit(StepReport(now, frames, instruction, commanded=False, stop_reason=reason, states=dict(states or {})))
 
     def _emit(self, report: StepReport) -> StepReport:
         try:

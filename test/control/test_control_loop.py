@@ -18,9 +18,19 @@ MS = 1_000_000
 S = 1_000_000_000
 
 
-def contract(stop: str = "zero"):
+STATE_INPUTS = [
+    {"name": "ee_z", "low": 0.0, "high": 1.0,
+     "source": {"topic": "/ee_pose", "msg_type": "geometry_msgs/msg/PoseStamped", "field": "pose.position.z"}},
+    {"name": "gripper", "low": 0.0, "high": 1.0,
+     "source": {"topic": "/gripper_state", "msg_type": "sensor_msgs/msg/JointState", "field": "position",
+                "joint": "gripper"}},
+]
+
+
+def contract(stop: str = "zero", state: bool = False):
     ref = lambda topic, mt, f, **k: {"topic": topic, "msg_type": mt, "field": f, **k}  # noqa: E731
     return parse_contract({
+        **({"state_inputs": STATE_INPUTS} if state else {}),
         "name": "loop_test", "control_rate_hz": 10.0, "frame_history": 2, "max_frame_age_s": 0.3,
         "stop_behaviour": stop,
         "cameras": [{"name": "front", "topic": "/front", "height": 8, "width": 8},
@@ -70,12 +80,20 @@ class FakePolicy:
         self.embed_gate.set()
         self.resets: list = []
         self.pushes = 0
+        self.observations: list = []
+        """Observations given through ``push`` (contracts with state inputs)."""
 
     def reset(self, instruction=None) -> None:
         assert instruction is None or instruction in self.known, f"reset with unembedded {instruction!r}"
         self.resets.append(instruction)
 
     def push_frames(self, frames) -> None:
+        assert not self.contract.state_dim, "a contract with state inputs must push observations"
+        self.pushes += 1
+
+    def push(self, obs) -> None:
+        obs.check(self.contract)  # the policy's own check: shapes, cameras, finite state
+        self.observations.append(obs)
         self.pushes += 1
 
     def decide(self):
@@ -132,9 +150,9 @@ class Rig:
         return [p for p in self.published if p[1][0] != 0.0]
 
 
-def make_rig(stop: str = "zero", **cfg) -> Rig:
+def make_rig(stop: str = "zero", state: bool = False, **cfg) -> Rig:
     clock = Clock()
-    c = contract(stop)
+    c = contract(stop, state)
     policy = FakePolicy(clock, c)
     rig = Rig(clock, policy, None)  # type: ignore[arg-type]
     rig.loop = ControlLoop(
@@ -337,3 +355,156 @@ def test_every_background_embedding_request_is_served() -> None:
         time.sleep(0.01)
     assert {"stack the cups", "wipe the table", "open the lid"} <= rig.policy.known
     rig.loop.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# state inputs: the same checks as cameras (missing, stale, non-finite -> stop, never a command)
+# ----------------------------------------------------------------------------------------------
+
+def feed_state(rig: Rig, z: float = 0.4, grip: float = 0.9, age_ns: int = 0, names=("ee_z", "gripper")) -> None:
+    values = {"ee_z": z, "gripper": grip}
+    for name in names:
+        rig.loop.on_state(name, values[name], rig.clock.t - age_ns, rig.clock.t)
+
+
+def run_state_ok(rig: Rig, steps: int = 3, z: float = 0.4) -> None:
+    for _ in range(steps):
+        rig.clock.advance(100 * MS)
+        rig.joint(1.0)
+        feed_state(rig, z=z)
+        rig.frames()
+        rig.tick()
+
+
+def test_state_goes_to_the_policy_in_contract_order_with_the_frames() -> None:
+    rig = make_rig(state=True)
+    run_state_ok(rig, 2, z=0.25)
+    assert rig.loop.stop_reason is None and len(rig.moving()) == 2
+    obs = rig.policy.observations[-1]
+    assert obs.state.dtype == np.float32 and obs.state.tolist() == [np.float32(0.25), np.float32(0.9)]
+    assert set(obs.frames) == {"front", "wrist"}
+    assert obs.stamps_ns["ee_z"] == rig.clock.t and obs.stamps_ns["front"] == rig.clock.t
+    report = rig.reports[-1]
+    assert report.commanded and report.states["ee_z"].value == 0.25
+
+
+def test_state_by_index_or_name_and_unknown_names_are_refused() -> None:
+    rig = make_rig(state=True)
+    rig.loop.on_state(1, 0.3, rig.clock.t, rig.clock.t)
+    assert rig.loop.states()["gripper"].value == 0.3
+    with pytest.raises(KeyError, match="no state input 'elbow'.*'ee_z', 'gripper'"):
+        rig.loop.on_state("elbow", 0.1, rig.clock.t, rig.clock.t)
+    with pytest.raises(KeyError):
+        rig.loop.on_state(2, 0.1, rig.clock.t, rig.clock.t)
+
+
+def test_missing_state_input_means_no_command() -> None:
+    rig = make_rig(state=True)
+    for _ in range(3):
+        rig.clock.advance(100 * MS)
+        rig.joint(1.0)
+        feed_state(rig, names=("ee_z",))  # the gripper never reported
+        rig.frames()
+        rig.tick()
+    assert rig.moving() == [] and rig.policy.pushes == 0
+    assert rig.loop.stop_reason == ("no value yet for state input 'gripper' (/gripper_state position, "
+                                    "joint 'gripper')")
+
+
+def test_stale_state_stops_once_naming_the_input_then_recovers() -> None:
+    rig = make_rig(state=True)
+    run_state_ok(rig)
+    n, resets = len(rig.published), len(rig.policy.resets)
+    for _ in range(5):  # the pose driver hangs: ee_z keeps its old value, everything else is fresh
+        rig.clock.advance(100 * MS)
+        rig.joint(1.0)
+        feed_state(rig, names=("gripper",))
+        rig.frames()
+        rig.tick()
+    after = rig.published[n:]
+    # commands while ee_z is at most 0.3 s old (3 steps), then one zero stop, then nothing
+    assert [p[1][0] for p in after] == [0.5, 0.5, 0.5, 0.0]
+    assert rig.loop.stop_reason == "state input 'ee_z' (/ee_pose pose.position.z) is stale: last value 0.500 s old > 0.3 s"
+    assert rig.reports[-1].stop_reason == rig.loop.stop_reason and not rig.reports[-1].commanded
+    moving = len(rig.moving())
+    run_state_ok(rig, 2)
+    assert rig.loop.stop_reason is None and len(rig.moving()) == moving + 2
+    assert len(rig.policy.resets) == resets + 1  # the history restarts after the gap
+
+
+def test_state_stamped_too_old_is_stale_even_when_it_just_arrived() -> None:
+    rig = make_rig(state=True)
+    run_state_ok(rig)
+    rig.clock.advance(100 * MS)
+    feed_state(rig, age_ns=350 * MS)  # arrives now, measured 0.35 s ago: ignored (older than held) ...
+    rig.clock.advance(300 * MS)  # ... so the held one ages out
+    rig.joint(1.0)
+    rig.frames()
+    rig.tick()
+    assert "state input 'ee_z'" in rig.loop.stop_reason and "stale" in rig.loop.stop_reason
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_state_never_reaches_the_model_or_the_robot(bad) -> None:
+    rig = make_rig(state=True)
+    run_state_ok(rig)
+    n, pushes = len(rig.published), rig.policy.pushes
+    rig.clock.advance(100 * MS)
+    rig.joint(1.0)
+    feed_state(rig, z=bad)
+    rig.frames()
+    rig.tick()
+    assert rig.loop.stop_reason == f"state input 'ee_z' (/ee_pose pose.position.z) is {bad} (not finite)"
+    assert rig.policy.pushes == pushes
+    assert [p[1][0] for p in rig.published[n:]] == [0.0]
+
+
+def test_the_observation_is_the_state_at_the_decision_moment() -> None:
+    """A value that arrives after the step camera's decision frame belongs to the next step (rule 2)."""
+    rig = make_rig(state=True)
+    rig.clock.advance(100 * MS)
+    rig.joint(1.0)
+    feed_state(rig, z=0.1)
+    assert rig.frames()  # the decision moment
+    feed_state(rig, z=0.7)  # before the stepping thread ran
+    rig.tick()
+    assert rig.policy.observations[-1].state[0] == np.float32(0.1)
+
+
+def test_state_going_stale_during_a_slow_decision_is_not_commanded() -> None:
+    rig = make_rig(state=True)
+    run_state_ok(rig)
+    n = len(rig.moving())
+    rig.clock.advance(250 * MS)  # the gripper's last value is 0.25 s old: fresh now, stale 0.05 s later
+    rig.joint(1.0)
+    feed_state(rig, names=("ee_z",))
+    rig.frames()
+    rig.policy.delay_ns = 100 * MS
+    rig.joint(1.0)
+    rig.tick()
+    assert len(rig.moving()) == n
+    assert "state input 'gripper'" in rig.loop.stop_reason and "at publish time" in rig.loop.stop_reason
+
+
+def test_random_state_never_gives_a_command_from_stale_or_non_finite_state() -> None:
+    """Fuzz: random state ages, dropouts and NaNs; every published command's state was finite and within
+    0.3 s at its publish time, and the model never saw a non-finite value (its check would raise)."""
+    rng = np.random.default_rng(1)
+    rig = make_rig(state=True)
+    for _ in range(1500):
+        rig.clock.advance(int(rng.uniform(20, 150) * MS))
+        rig.joint(0.1)
+        for name in ("ee_z", "gripper"):
+            if rng.random() < 0.85:
+                value = math.nan if rng.random() < 0.03 else float(rng.uniform(0, 1))
+                rig.loop.on_state(name, value, rig.clock.t - int(rng.uniform(0, 0.4) * S), rig.clock.t)
+        rig.frames()
+        rig.policy.delay_ns = int(rng.uniform(0, 0.2) * S)
+        before = len(rig.published)
+        rig.tick(decision=bool(rng.random() < 0.8))
+        for t, values, groups in rig.published[before:]:
+            if values[0] != 0.0:
+                states = rig.reports[-1].states
+                assert set(states) == {"ee_z", "gripper"}
+                assert all(math.isfinite(v.value) and t - v.stamp_ns <= 0.3 * S for v in states.values())
+    assert rig.loop.counters.decisions > 50 and rig.loop.counters.stops > 10
