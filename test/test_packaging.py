@@ -244,6 +244,8 @@ def test_generated_interfaces_in_colcon_environment(install_prefix: Path, repo_r
         "value": "float", "inference_time_s": "float", "frame_age_s": "sequence<float>",
         "camera_names": "sequence<string>", "frame_stamps": "sequence<builtin_interfaces/Time>",
         "commanded": "boolean", "stop_reason": "string",
+        "state_names": "sequence<string>", "state": "sequence<double>", "state_age_s": "sequence<float>",
+        "state_stamps": "sequence<builtin_interfaces/Time>",
     }
     assert dict(map(tuple, report["score_fields"])) == {"instruction": "string", "value": "float"}
     assert dict(map(tuple, report["request_fields"])) == {"instructions": "sequence<string>"}

@@ -7,8 +7,13 @@ commanded on. Parameters (``config/policy.yaml``) only override topics and rates
 Decision moments, and why: a step is a frame of the step camera (the contract's first camera),
 thinned to the control rate by ``data.sync.DecisionClock``: the same rule by which the converter
 pairs each recorded frame with the command that answers it, seen from the acting side. The
-observation of a step is that frame plus every other camera's newest frame at that moment (captured
-in the step camera's callback); the command is published when the decision is done. A timer at the
+observation of a step is that frame plus every other camera's newest frame and every state input's
+newest value at that moment (captured in the step camera's callback); the command is published when
+the decision is done. State inputs (``contract.state_inputs``: a joint position by name, a pose
+coordinate, any numeric field) are read out of their messages by ``data.messages.read_field``, the
+function the converter reads them out of bags with; their topics are subscribed before the cameras', so
+that a state message and a frame that arrive together are handled state first (rclpy's executor takes
+ready subscriptions in creation order), as the recorder does. A timer at the
 control rate is only a watchdog: it stops the robot when inputs go stale (or a camera falls silent)
 and never commands.
 
@@ -26,8 +31,9 @@ in the converted training data. A decision frame that arrives while the previous
 counted in ``overruns``; its step starts as soon as the running one ends (steps never queue up). The
 scoring service runs the same model under the same lock, so the control loop pauses while it scores.
 
-Safety: a command is published only from fresh frames (every camera younger than ``max_frame_age_s``,
-checked before the decision and again at publish time) and finite values (the decided action plus the
+Safety: a command is published only from fresh frames and state (every camera and every state input
+younger than ``max_frame_age_s``, checked before the decision and again at publish time; every state
+value finite) and finite values (the decided action plus the
 delta dims' bases, which must be finite and fresh too) and, unless the contract allows none, an
 instruction. Otherwise, and on a NaN or an exception in
 inference, or when disabled through ``~/enable``, the contract's stop behaviour is published once
@@ -61,7 +67,7 @@ from std_srvs.srv import SetBool
 from q_transformer_ros.control.loop import MAX_INSTRUCTION_CHARS, ControlLoop, LoopConfig, StepReport
 from q_transformer_ros.contract import CameraSpec, RobotContract
 from q_transformer_ros.data.image import frame_from_msg
-from q_transformer_ros.data.messages import read_field
+from q_transformer_ros.data.messages import JointNotInMessage, read_field
 from q_transformer_ros.ros.conversions import OutputGroup, build_command, group_outputs, message_class
 from q_transformer_ros.ros.params import contract_topic, declare, param, parse_pairs
 from q_transformer_ros.ros.qos import COMMAND_QOS, DIAGNOSTIC_QOS, INSTRUCTION_QOS, SENSOR_QOS
@@ -157,16 +163,18 @@ class _PolicyCore:
         d("camera_topics", [], "Camera topic overrides as 'camera_name:=/topic' items; cameras not listed use "
                                "the contract's topic (relative to the node's namespace).")
         d("output_topics", [], "Command topic overrides as '/contract/topic:=/new/topic' items.")
+        d("state_topics", [], "State input topic overrides as 'state_name:=/topic' items; inputs not listed use "
+                              "the contract's topic (relative to the node's namespace).")
         d("instruction_topic", "", "Instruction topic override (std_msgs/String); empty = the contract's.")
         d("control_rate_hz", 0.0, "Decision rate override in Hz; 0 = the contract's control rate (recommended).")
-        d("max_frame_age_s", 0.0, "Staleness limit in seconds for frames and delta sources; 0 = the contract's "
+        d("max_frame_age_s", 0.0, "Staleness limit in seconds for frames, state inputs and delta sources; 0 = the contract's "
                                   "max_frame_age_s. Can be changed at run time.", read_only=False)
         d("enable_on_start", True, "Command the robot from the start; false = wait for ~/enable (std_srvs/SetBool).")
         d("publish_decision", True, "Publish a q_transformer_ros/Decision on ~/decision every step (if built).")
         d("use_streaming", True, "Encode each frame once and cache its tokens (fast); false = re-encode the "
                                  "whole history every step.")
-        d("use_header_stamps", True, "Frame age from the image header stamp (capture time); false = from the "
-                                     "arrival time at this node.")
+        d("use_header_stamps", True, "Frame and state age from the message's header stamp (capture time; messages "
+                                     "without a header use their arrival); false = from the arrival time at this node.")
         d("warmup", True, "Run the model once at start so the first command is not slow.")
         d("backend", "torch", "What runs the streaming steps: 'torch' (eager, or compile_mode) or 'onnxruntime' "
                               "(ONNX files next to the checkpoint, exported at start when missing or stale).")
@@ -238,6 +246,11 @@ class _PolicyCore:
         unknown = set(camera_topics) - {cam.name for cam in c.cameras}
         if unknown:
             raise ValueError(f"parameter 'camera_topics' names unknown cameras {sorted(unknown)}; contract '{c.name}' has {[x.name for x in c.cameras]}")
+        state_topics = parse_pairs(p("state_topics"), "state_topics")
+        unknown = set(state_topics) - {s.name for s in c.state_inputs}
+        if unknown:
+            raise ValueError(f"parameter 'state_topics' names unknown state inputs {sorted(unknown)}; contract "
+                             f"'{c.name}' has {[s.name for s in c.state_inputs]}")
         output_remap = parse_pairs(p("output_topics"), "output_topics")
         unknown = set(output_remap) - {d.target.topic for d in c.action_dims}
         if unknown:
@@ -257,6 +270,13 @@ class _PolicyCore:
         self.loop.set_active(active)
 
         # -- inputs (a SingleThreadedExecutor runs every callback: they only store) ----------------
+        # state first: a state message and a frame ready together are then handled in that order
+        self.state_topics: dict[str, str] = {}
+        for topic, (msg_type, indices) in self._state_topic_groups(state_topics).items():
+            self._track("subscription", self.create_subscription(
+                message_class(msg_type), contract_topic(topic), self._make_state_callback(topic, indices), SENSOR_QOS))
+            for i in indices:
+                self.state_topics[c.state_inputs[i].name] = self.resolve_topic_name(contract_topic(topic))
         self.camera_topics: dict[str, str] = {}
         for cam in c.cameras:
             topic = contract_topic(camera_topics.get(cam.name, cam.topic))
@@ -296,6 +316,7 @@ class _PolicyCore:
         self._track("timer", self.create_timer(1.0 / self.control_rate_hz, self._on_timer))
         self.get_logger().info(
             f"contract '{c.name}': cameras {self.camera_topics} (decisions on '{c.cameras[0].name}' frames), "
+            f"state inputs {self.state_topics or 'none'}, "
             f"instruction topic {self.instruction_topic}, outputs "
             f"{[(g.topic, g.msg_type.split('/')[-1]) for g in self.outputs]}, "
             f"{self.control_rate_hz} Hz, max frame age {self.max_frame_age_s} s, stop '{c.stop_behaviour}', "
@@ -334,20 +355,62 @@ class _PolicyCore:
                 self.get_logger().warning(f"dropping frame ({n} dropped so far): {e}",
                                           throttle_duration_sec=WARN_THROTTLE_S)
                 return
-            stamp_ns = now_ns
-            if self.use_header_stamps:
-                header_ns = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
-                if header_ns > 0:
-                    if header_ns - now_ns > self.max_frame_age_s * 1e9:
-                        self.get_logger().warning(
-                            f"{where}: header stamp is {(header_ns - now_ns) / 1e9:.3f} s in the future (clock "
-                            f"mismatch? use_sim_time?); using arrival time", throttle_duration_sec=WARN_THROTTLE_S)
-                    else:
-                        stamp_ns = min(header_ns, now_ns)
-            if self.loop.on_frame(cam.name, image, stamp_ns, now_ns):
+            if self.loop.on_frame(cam.name, image, self._stamp_ns(msg, now_ns, where), now_ns):
                 self._request_step(decision=True)
 
         return on_image
+
+    def _stamp_ns(self, msg: Any, now_ns: int, where: str) -> int:
+        """When ``msg`` was captured: its header stamp (``use_header_stamps``, never later than now), else
+        its arrival ``now_ns`` (no header, a zero stamp, or one in the future: another clock)."""
+        header = getattr(msg, "header", None)
+        if not self.use_header_stamps or header is None:
+            return now_ns
+        header_ns = header.stamp.sec * 1_000_000_000 + header.stamp.nanosec
+        if header_ns <= 0:
+            return now_ns
+        if header_ns - now_ns > self.max_frame_age_s * 1e9:
+            self.get_logger().warning(
+                f"{where}: header stamp is {(header_ns - now_ns) / 1e9:.3f} s in the future (clock "
+                f"mismatch? use_sim_time?); using arrival time", throttle_duration_sec=WARN_THROTTLE_S)
+            return now_ns
+        return min(header_ns, now_ns)
+
+    def _state_topic_groups(self, overrides: dict[str, str]) -> dict[str, tuple[str, list[int]]]:
+        """Topic -> (message type, indices of the state inputs read from it), after ``state_topics`` overrides."""
+        out: dict[str, tuple[str, list[int]]] = {}
+        for i, spec in enumerate(self.contract.state_inputs):
+            topic = overrides.get(spec.name, spec.source.topic)
+            msg_type, indices = out.setdefault(topic, (spec.source.msg_type, []))
+            if msg_type != spec.source.msg_type:
+                raise ValueError(f"state input '{spec.name}': topic {topic} has type {spec.source.msg_type} but "
+                                 f"another state input reads it as {msg_type}")
+            indices.append(i)
+        return out
+
+    def _make_state_callback(self, topic: str, indices: list[int]) -> Callable[[Any], None]:
+        """Reads every state input of one topic out of each message (``read_field``, as the converter does)
+        and hands the values to the loop. A joint missing from a message is skipped (arm and gripper may
+        come as separate JointState messages); any other unreadable field is warned about, and the loop
+        stops when the input goes stale."""
+        specs = [(i, self.contract.state_inputs[i]) for i in indices]
+        where = f"state topic {topic}"
+
+        def on_state(msg: Any) -> None:
+            now_ns = self.get_clock().now().nanoseconds
+            stamp_ns = self._stamp_ns(msg, now_ns, where)
+            for i, spec in specs:
+                try:
+                    value = float(read_field(msg, spec.source))
+                except JointNotInMessage:
+                    continue
+                except Exception as e:  # noqa: BLE001 - a malformed message must not take the node down
+                    self.get_logger().warning(f"cannot read state input '{spec.name}': {e}",
+                                              throttle_duration_sec=WARN_THROTTLE_S)
+                    continue
+                self.loop.on_state(i, value, stamp_ns, now_ns)  # NaN / inf are kept: the loop stops on them
+
+        return on_state
 
     def _on_instruction(self, msg: String) -> None:
         text = msg.data
@@ -504,6 +567,8 @@ class _PolicyCore:
                 if cam.name in frames:
                     stamp.sec, stamp.nanosec = divmod(frames[cam.name].stamp_ns, 1_000_000_000)
                 msg.frame_stamps.append(stamp)
+        if hasattr(msg, "state_names"):
+            self._fill_decision_state(msg, report)
         if hasattr(msg, "stop_reason"):
             msg.stop_reason = report.stop_reason or ""
         msg.commanded = report.commanded
@@ -515,6 +580,19 @@ class _PolicyCore:
             msg.value = float(decision.value)
             msg.inference_time_s = float(decision.inference_time_s)
         self._decision_pub.publish(msg)
+
+    def _fill_decision_state(self, msg: Any, report: StepReport) -> None:
+        """The state inputs the step used (raw values, ages and stamps, contract order; NaN and inf
+        ages where an input had no value yet), so a run can be checked against the dataset it records."""
+        msg.state_names = [s.name for s in self.contract.state_inputs]
+        for spec in self.contract.state_inputs:
+            v = report.states.get(spec.name)
+            stamp = type(msg.header.stamp)()
+            if v is not None:
+                stamp.sec, stamp.nanosec = divmod(v.stamp_ns, 1_000_000_000)
+            msg.state.append(float(v.value) if v is not None else float("nan"))
+            msg.state_age_s.append(float((report.time_ns - v.stamp_ns) / 1e9) if v is not None else float("inf"))
+            msg.state_stamps.append(stamp)
 
     # ------------------------------------------------------------------------------------------
     # state for tests and diagnostics

@@ -11,6 +11,9 @@ two of them.
 - ``INSTRUCTION_QOS``: the language instruction. Reliable and transient-local (latched): a node that
   starts after the instruction was published still receives it. Publishers must use it too.
 - ``DIAGNOSTIC_QOS``: decision messages and other diagnostics: reliable, queue of 10.
+- ``STATE_RECORD_QOS``: the recorder's state-input subscriptions: best effort like the sensor profile
+  (matches any publisher), but a queue, so a 100 Hz /joint_states is recorded whole while the
+  recorder's thread writes an image.
 """
 
 from __future__ import annotations
@@ -48,3 +51,11 @@ DIAGNOSTIC_QOS = QoSProfile(
     durability=DurabilityPolicy.VOLATILE,
 )
 """Decision messages and other per-step diagnostics."""
+
+STATE_RECORD_QOS = QoSProfile(
+    history=HistoryPolicy.KEEP_LAST,
+    depth=100,
+    reliability=ReliabilityPolicy.BEST_EFFORT,
+    durability=DurabilityPolicy.VOLATILE,
+)
+"""Recording state topics: every message kept (best effort matches reliable and best-effort publishers)."""

@@ -1,7 +1,10 @@
 """`record`: write one rosbag2 MCAP per episode from the contract's topics (no ros2 CLI needed).
 
 Subscribes (raw, so the CDR bytes go to the bag untouched) to every camera, every action source
-topic, the instruction topic and the success topic of the contract. An episode starts on
+topic, every state input's topic, the instruction topic and the success topic of the contract. State
+topics are subscribed first, as in the policy node: a state message and a frame that arrive together
+are then written state first (rclpy's executor takes ready subscriptions in creation order), so the
+converter pairs a frame with the state the node would have used with it. An episode starts on
 ``~/start_episode`` and ends on ``~/stop_episode`` (std_srvs/Trigger) or when a message arrives on the
 success topic (``stop_on_success``). Each bag is written with rosbags into a temp folder and renamed
 into ``output_dir`` when the episode ends, with a standard metadata.yaml, so both the converter and
@@ -26,7 +29,7 @@ from std_srvs.srv import Trigger
 from q_transformer_ros.data.bag_writer import BagWriter
 from q_transformer_ros.contract import RobotContract, load_contract
 from q_transformer_ros.ros.conversions import message_class
-from q_transformer_ros.ros.qos import COMMAND_QOS, INSTRUCTION_QOS, SENSOR_QOS
+from q_transformer_ros.ros.qos import COMMAND_QOS, INSTRUCTION_QOS, SENSOR_QOS, STATE_RECORD_QOS
 from q_transformer_ros.ros.params import declare
 from q_transformer_ros.ros.runner import print_help_if_asked, spin_node
 
@@ -38,6 +41,8 @@ def contract_topics(contract: RobotContract) -> dict[str, tuple[str, str]]:
         topics[cam.topic] = (cam.msg_type, "camera")
     for d in contract.action_dims:
         topics.setdefault(d.source.topic, (d.source.msg_type, "action"))
+    for s in contract.state_inputs:
+        topics.setdefault(s.source.topic, (s.source.msg_type, "state"))
     if contract.instruction.topic:
         topics.setdefault(contract.instruction.topic, ("std_msgs/msg/String", "instruction"))
     if contract.success.topic:
@@ -84,8 +89,9 @@ class EpisodeRecorder(Node):
         """Bags completed by this node, in order."""
         self.last_instruction: tuple[bytes, str] | None = None
         self._subs = []
-        for topic, (msg_type, role) in self.topics.items():
-            qos = {"camera": SENSOR_QOS, "instruction": INSTRUCTION_QOS}.get(role, COMMAND_QOS)
+        state_first = sorted(self.topics.items(), key=lambda item: item[1][1] != "state")
+        for topic, (msg_type, role) in state_first:
+            qos = {"camera": SENSOR_QOS, "state": STATE_RECORD_QOS, "instruction": INSTRUCTION_QOS}.get(role, COMMAND_QOS)
             self._subs.append(self.create_subscription(
                 message_class(msg_type), topic, lambda raw, t=topic, r=role: self._on_message(t, r, raw), qos,
                 raw=True))

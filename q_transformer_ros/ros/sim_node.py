@@ -4,12 +4,17 @@ The node plays the robot of ``config/contract_ee_arm.yaml`` (or any contract who
 ``dx, dy, dz, gripper``): it steps the simulator at the contract's control rate with the latest
 command and publishes what a real arm with a camera would.
 
-Published (every control step, stamped with the node clock):
+Published (every control step, stamped with the node clock, the arm's state before the frames, so a
+node or recorder that gets both at once takes the frame with the state it shows):
 
+- ``/ee_pose`` (``ee_pose_topic``): ``geometry_msgs/PoseStamped`` of the hand (tool centre) in frame
+  ``world``, sensor-data QoS: the state inputs ``ee_x``, ``ee_y``, ``ee_z`` of the ee contract.
+- ``/gripper_state`` (``gripper_state_topic``): ``sensor_msgs/JointState`` with one joint ``gripper``
+  whose position is Meta-World's finger opening (~1 open, ~0 closed), sensor-data QoS.
 - each contract camera: ``sensor_msgs/Image`` rgb8, upright, at the contract size, sensor-data QoS;
   ``header.frame_id`` = the Meta-World camera name.
 - the contract's success topic (``/success``): ``std_msgs/Bool``, Meta-World's success flag.
-- ``~/ee_pose``: ``geometry_msgs/PoseStamped`` of the hand (tool centre) in frame ``world``.
+- ``~/ee_pose``: the same pose as ``/ee_pose`` (kept for tools that read the node's own topic).
 - ``~/observation``: ``std_msgs/Float64MultiArray``, Meta-World's 39-d observation (hand xyz,
   gripper opening, object poses, the same one step earlier, goal xyz); the scripted expert needs it.
 
@@ -42,7 +47,7 @@ from geometry_msgs.msg import PoseStamped
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.node import Node
 from rclpy.parameter import Parameter
-from sensor_msgs.msg import Image
+from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import Bool, Float64MultiArray, MultiArrayDimension, String
 from std_srvs.srv import Trigger
 
@@ -120,6 +125,9 @@ class SimNode(Node):
         self._task_pub = self.create_publisher(String, "~/task", INSTRUCTION_QOS)
         self._end_pub = self.create_publisher(String, "~/episode_end", DIAGNOSTIC_QOS)
         self._pose_pub = self.create_publisher(PoseStamped, "~/ee_pose", SENSOR_QOS)
+        self._state_pubs = {"pose": self.create_publisher(PoseStamped, self._param("ee_pose_topic"), SENSOR_QOS),
+                            "gripper": self.create_publisher(JointState, self._param("gripper_state_topic"), SENSOR_QOS)}
+        self._warn_unpublished_state_inputs()
         self._obs_pub = self.create_publisher(Float64MultiArray, "~/observation", DIAGNOSTIC_QOS)
         for group in group_outputs(c):
             self.create_subscription(message_class(group.msg_type), group.topic,
@@ -151,7 +159,10 @@ class SimNode(Node):
         d("control_rate_hz", 0.0, "Step rate override in Hz; 0 = the contract's control rate.")
         d("command_timeout_s", 0.0, "Commands older than this count as zero; 0 = the contract's max_frame_age_s.")
         d("reset_on_start", True, "Start an episode of task/seed at start-up (else wait for ~/reset).")
-        d("world_frame", "world", "frame_id of ~/ee_pose.")
+        d("world_frame", "world", "frame_id of the end-effector poses.")
+        d("ee_pose_topic", "/ee_pose", "Where the hand pose goes (geometry_msgs/PoseStamped): the ee state inputs.")
+        d("gripper_state_topic", "/gripper_state", "Where the gripper opening goes (sensor_msgs/JointState, joint "
+                                                   "'gripper').")
 
     def _param(self, name: str) -> Any:
         return param(self, name)
@@ -165,6 +176,18 @@ class SimNode(Node):
             if p.name == "max_episode_steps" and p.value < 1:
                 return SetParametersResult(successful=False, reason=f"max_episode_steps {p.value} must be >= 1")
         return SetParametersResult(successful=True)
+
+    def _warn_unpublished_state_inputs(self) -> None:
+        """A contract state input on a topic this sim does not publish can never be fresh: the policy node
+        would stop at every step. Say so at start rather than then."""
+        published = {self.resolve_topic_name(self._param("ee_pose_topic")): "geometry_msgs/msg/PoseStamped",
+                     self.resolve_topic_name(self._param("gripper_state_topic")): "sensor_msgs/msg/JointState"}
+        for spec in self.contract.state_inputs:
+            topic = self.resolve_topic_name(spec.source.topic)
+            if published.get(topic) != spec.source.msg_type:
+                self.get_logger().warning(
+                    f"state input '{spec.name}' reads {spec.source.msg_type} on {topic}, which this sim does not "
+                    f"publish (it publishes {published})")
 
     # -- commands -----------------------------------------------------------------------------
     def _make_command_callback(self, topic: str, dims: tuple[int, ...], refs: tuple[Any, ...]) -> Callable[[Any], None]:
@@ -249,6 +272,7 @@ class SimNode(Node):
         env = self.env
         assert env is not None
         stamp = self.get_clock().now().to_msg()
+        self._publish_arm_state(env, stamp)  # before the frames: see the module docstring
         for cam in self.contract.cameras:
             mw_cam = self.camera_map[cam.name]
             pixels = env.render(mw_cam, cam.height, cam.width)
@@ -258,18 +282,25 @@ class SimNode(Node):
             msg.step = cam.width * 3
             msg.data = pixels.tobytes()
             self._image_pubs[cam.name].publish(msg)
-        pose = PoseStamped()
-        pose.header.stamp, pose.header.frame_id = stamp, self.world_frame
-        x, y, z = env.ee_position
-        pose.pose.position.x, pose.pose.position.y, pose.pose.position.z = float(x), float(y), float(z)
-        pose.pose.orientation.w = 1.0
-        self._pose_pub.publish(pose)
         obs = Float64MultiArray()
         obs.layout.dim = [MultiArrayDimension(label="observation", size=len(env.obs), stride=len(env.obs))]
         obs.data = env.obs.astype(float).tolist()
         self._obs_pub.publish(obs)
         if step_success is not None and self._success_pub is not None:
             self._success_pub.publish(Bool(data=bool(step_success)))
+
+    def _publish_arm_state(self, env: MetaWorldEnv, stamp: Any) -> None:
+        """The hand pose (``/ee_pose`` and ``~/ee_pose``) and the gripper opening (``/gripper_state``)."""
+        pose = PoseStamped()
+        pose.header.stamp, pose.header.frame_id = stamp, self.world_frame
+        x, y, z = env.ee_position
+        pose.pose.position.x, pose.pose.position.y, pose.pose.position.z = float(x), float(y), float(z)
+        pose.pose.orientation.w = 1.0
+        self._state_pubs["pose"].publish(pose)
+        self._pose_pub.publish(pose)
+        gripper = JointState(name=["gripper"], position=[float(env.gripper_opening)])
+        gripper.header.stamp = stamp
+        self._state_pubs["gripper"].publish(gripper)
 
     def destroy_node(self) -> None:
         env = getattr(self, "env", None)  # absent when __init__ failed (rclpy still destroys the node)

@@ -1,6 +1,6 @@
-"""The recorder over real rclpy / Fast DDS: publish frames, commands and an instruction, start/stop
-episodes via std_srvs/Trigger (and via the success topic), then convert the recorded bags and check
-the dataset against what was published."""
+"""The recorder over real rclpy / Fast DDS: publish frames, commands, robot state and an instruction,
+start/stop episodes via std_srvs/Trigger (and via the success topic), then convert the recorded bags and
+check the dataset against what was published."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from PIL import Image as PILImage
 
 rclpy = pytest.importorskip("rclpy")
 
-from geometry_msgs.msg import TwistStamped  # noqa: E402
+from geometry_msgs.msg import PoseStamped, TwistStamped  # noqa: E402
 from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.node import Node  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
@@ -54,6 +54,13 @@ CONTRACT = {
          "target": {"topic": "/rt/joint_states", "msg_type": "sensor_msgs/msg/JointState", "field": "position[0]",
                     "joint": "elbow"}},
     ],
+    "state_inputs": [
+        {"name": "ee_z", "low": 0.0, "high": 1.0,
+         "source": {"topic": "/rt/ee_pose", "msg_type": "geometry_msgs/msg/PoseStamped", "field": "pose.position.z"}},
+        {"name": "elbow_pos", "low": -1.0, "high": 1.0,  # the delta dim's topic, read as state too
+         "source": {"topic": "/rt/joint_states", "msg_type": "sensor_msgs/msg/JointState", "field": "position",
+                    "joint": "elbow"}},
+    ],
 }
 
 
@@ -67,6 +74,7 @@ class Robot(Node):
         self.cmd = self.create_publisher(TwistStamped, "/rt/cmd", COMMAND_QOS)
         self.grip = self.create_publisher(Float64MultiArray, "/rt/gripper", COMMAND_QOS)
         self.joints = self.create_publisher(JointState, "/rt/joint_states", COMMAND_QOS)
+        self.pose = self.create_publisher(PoseStamped, "/rt/ee_pose", SENSOR_QOS)
         self.instruction = self.create_publisher(String, "/rt/instruction", INSTRUCTION_QOS)
         self.success = self.create_publisher(Bool, "/rt/success", COMMAND_QOS)
         self.start = self.create_client(Trigger, "/recorder/start_episode")
@@ -80,7 +88,11 @@ class Robot(Node):
         self.tick = 0
 
     def step(self) -> None:
-        """One 20 Hz tick: front every tick, wrist every 3rd, commands every 2nd, joints every tick."""
+        """One 20 Hz tick: the pose (z = tick / 1000) then front every tick, wrist every 3rd, commands
+        every 2nd, joints every tick."""
+        pose = PoseStamped()
+        pose.pose.position.z = self.tick / 1000
+        self.pose.publish(pose)
         arr = self.rng.integers(0, 256, (12, 20, 3), dtype=np.uint8)
         msg = Image(height=12, width=20, encoding="rgb8", step=60, data=arr.tobytes())
         self.front.publish(msg)
@@ -115,7 +127,7 @@ def spin_for(executor, seconds: float, robot: Robot | None = None, hz: float = 2
 
 
 def wait_matched(executor, robot: Robot, timeout: float = 10.0) -> None:
-    pubs = [robot.front, robot.wrist, robot.cmd, robot.grip, robot.joints, robot.instruction, robot.success]
+    pubs = [robot.front, robot.wrist, robot.cmd, robot.grip, robot.joints, robot.pose, robot.instruction, robot.success]
     end = time.monotonic() + timeout
     while time.monotonic() < end and not all(p.get_subscription_count() > 0 for p in pubs):
         executor.spin_once(timeout_sec=0.02)
@@ -201,3 +213,15 @@ def test_record_then_convert(tmp_path: Path) -> None:
         assert np.isclose(vx_set, a[0], atol=1e-6).any()
         assert 0.0 <= a[2] <= 0.0125
     assert abs(float(np.median(np.asarray(ep1.actions)[:, 2])) - 0.008) < 0.0045
+    # state: each step's pose is the one published with its frame (the same tick) or, when DDS handed
+    # the frame over first, the tick before; the elbow is the joint state of about that tick
+    from q_transformer_ros.replay.format import STATE_FILE, read_manifest
+
+    entry = read_manifest(ds_path).episodes[0]
+    state = np.load(ds_path / "chunks" / entry.chunk / STATE_FILE)[entry.start:entry.start + entry.length]
+    assert state.dtype == np.float32 and state.shape == (len(idx), 2)
+    pose_tick = np.rint(state[:, 0].astype(np.float64) * 1000).astype(int)
+    lag = np.asarray(idx) - pose_tick
+    assert ((lag == 0) | (lag == 1)).all(), f"frame tick minus pose tick per step: {lag.tolist()}"
+    elbow_tick = np.rint(state[:, 1].astype(np.float64) / 0.004).astype(int) - 1
+    assert (np.abs(np.asarray(idx) - elbow_tick) <= 1).all()

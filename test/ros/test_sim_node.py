@@ -33,7 +33,7 @@ from rcl_interfaces.srv import SetParameters  # noqa: E402
 from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.node import Node  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
-from sensor_msgs.msg import Image  # noqa: E402
+from sensor_msgs.msg import Image, JointState  # noqa: E402
 from std_msgs.msg import Bool, Float64MultiArray, String  # noqa: E402
 from std_srvs.srv import Trigger  # noqa: E402
 
@@ -55,11 +55,15 @@ class Probe(Node):
         self.lock = threading.Lock()
         self.images: list[Image] = []
         self.poses: list[PoseStamped] = []
+        self.arm_poses: list[PoseStamped] = []
+        self.grippers: list[Any] = []
         self.success: list[bool] = []
         self.ends: list[str] = []
         self.observations = 0
         self.create_subscription(Image, "/camera/front/image_raw", lambda m: self._add(self.images, m), SENSOR_QOS)
         self.create_subscription(PoseStamped, "/sim_node/ee_pose", lambda m: self._add(self.poses, m), SENSOR_QOS)
+        self.create_subscription(PoseStamped, "/ee_pose", lambda m: self._add(self.arm_poses, m), SENSOR_QOS)
+        self.create_subscription(JointState, "/gripper_state", lambda m: self._add(self.grippers, m), SENSOR_QOS)
         self.create_subscription(Bool, "/success", lambda m: self._add(self.success, m.data), DIAGNOSTIC_QOS)
         self.create_subscription(String, "/sim_node/episode_end", lambda m: self._add(self.ends, m.data), DIAGNOSTIC_QOS)
         self.create_subscription(Float64MultiArray, "/sim_node/observation", self._on_obs, DIAGNOSTIC_QOS)
@@ -166,6 +170,26 @@ def test_images_state_and_latched_instruction(system) -> None:
         late.stop()
     wait_for(lambda: len(probe.success) >= 3, 10, "/success")
     assert probe.success[-1] is False
+
+
+def test_arm_state_on_the_ee_contract_topics(system) -> None:
+    """/ee_pose and /gripper_state carry the hand position and the finger opening, the state inputs of
+    config/contract_ee_arm_state.yaml, readable by the same field references."""
+    from q_transformer_ros.contract import load_contract  # noqa: PLC0415
+    from q_transformer_ros.data.messages import read_field  # noqa: PLC0415
+
+    sim, probe = system
+    wait_for(lambda: len(probe.arm_poses) >= 3 and len(probe.grippers) >= 3, 20, "/ee_pose and /gripper_state")
+    with probe.lock:
+        pose, grip = probe.arm_poses[-1], probe.grippers[-1]
+    assert pose.header.frame_id == "world" and pose.header.stamp.sec > 0
+    assert list(grip.name) == ["gripper"] and 0.0 <= grip.position[0] <= 1.05 and grip.header.stamp.sec > 0
+    contract = load_contract(Path(__file__).resolve().parents[2] / "config" / "contract_ee_arm_state.yaml")
+    messages = {"/ee_pose": pose, "/gripper_state": grip}
+    values = {s.name: read_field(messages[s.source.topic], s.source) for s in contract.state_inputs}
+    assert values["gripper"] == grip.position[0]
+    for s in contract.state_inputs:  # Meta-World's hand stays inside the contract's ranges
+        assert s.low <= values[s.name] <= s.high, (s.name, values[s.name])
 
 
 def test_twist_moves_the_hand_and_stale_command_stops_it(system) -> None:
