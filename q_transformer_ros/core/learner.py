@@ -322,7 +322,8 @@ def learning_step(
 
     batch: tensors on the model's device: ``frames`` uint8 (b, c, f, 3, h, w), ``next_frames`` uint8,
     ``action_bins`` int64 (b, n), ``rewards`` float (b, s), ``discount_to_next`` (b,), ``mc_return`` (b,),
-    ``instruction_index`` int64 (b,), optional ``reward_mask`` (b, s).
+    ``instruction_index`` int64 (b,), optional ``reward_mask`` (b, s), and for models with state inputs
+    ``state`` / ``next_state`` float (b, f, p) (normalised robot state over the two frame windows).
     online_net may be DDP-wrapped (its forward is called through the wrapper so gradients sync);
     target_net is the bare target model (unused for 'bc')."""
     bare = unwrap(online_net)
@@ -330,7 +331,10 @@ def learning_step(
     action_bins = batch["action_bins"].long()
     text, text_mask = instruction_conditioning(batch["instruction_index"].long(), text_embeddings, _text_dim(bare))
 
-    logits = online_net(batch["frames"], text, text_mask, action_bins, cond_drop_prob=cfg.cond_drop_prob)
+    proprio = batch.get("state")
+    with_state = {} if proprio is None else {"proprio": proprio}  # networks without state inputs take none
+    logits = online_net(batch["frames"], text, text_mask, action_bins, cond_drop_prob=cfg.cond_drop_prob,
+                        **with_state)
     metrics: dict[str, Tensor] = {}
 
     if cfg.objective == "bc":
@@ -355,7 +359,10 @@ def learning_step(
         frames2 = torch.cat([batch["frames"], batch["next_frames"]], dim=0)
         # dim 0 at s_{t+n} does not depend on the bins fed to the head; reuse the data's bins
         bins2 = torch.cat([action_bins, action_bins], dim=0)
-        t_logits = target_net(frames2, torch.cat([text, text]), torch.cat([text_mask, text_mask]), bins2, cond_drop_prob=0.0)
+        if proprio is not None:
+            with_state = {"proprio": torch.cat([proprio, batch["next_state"]], dim=0)}
+        t_logits = target_net(frames2, torch.cat([text, text]), torch.cat([text_mask, text_mask]), bins2,
+                              cond_drop_prob=0.0, **with_state)
         q_t = target_net.q_values(t_logits).float().amin(dim=0)  # (2b, n, a) min over critics
         q_now, q_next_state = q_t[:b], q_t[b:]
         targets = bellman_targets(

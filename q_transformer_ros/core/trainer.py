@@ -314,7 +314,7 @@ class BatchDataset(Dataset):
         return {key: torch.cat([p[key] for p in parts])[torch.from_numpy(inv)] for key in parts[0]}
 
 
-TRAIN_KEYS = ("frames", "next_frames", "action_bins", "rewards", "reward_mask", "discount_to_next", "mc_return",
+TRAIN_KEYS = ("frames", "next_frames", "state", "next_state", "action_bins", "rewards", "reward_mask", "discount_to_next", "mc_return",
               "instruction_index")
 
 
