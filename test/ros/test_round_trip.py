@@ -1,12 +1,16 @@
 """Round trip through real ROS 2: the policy node drives a fake robot while the recorder records it;
 the bags are converted; for every stored step, the action's bins equal the bins of the node's Decision
-for the same frame. This is the pairing rule seen from both sides: the node decides on step-camera
+for the same frame, and the stored robot state equals the state the node decided with. This is the pairing rule seen from both sides: the node decides on step-camera
 frames and publishes after inference; the converter must give each recorded frame the command that
 answered it (not the next one).
 
 The robot: a 5 Hz step camera with +-30 ms jitter, a 30 Hz CompressedImage camera, an arm commanded
 in TwistStamped + Float64MultiArray (absolute dims) and a joint commanded through JointState (a delta
 dim on /joint_states, which the robot publishes right after it moves to each commanded position).
+Its state inputs: the hand height (PoseStamped, a random walk) and the elbow read from /joint_states by
+joint name, published together before each frame and again between frames (a state message and a
+frame are handled state first by node and recorder alike; one published just after a frame could be
+taken with it by one and not the other, which no rule can resolve).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from PIL import Image as PILImage
 
 rclpy = pytest.importorskip("rclpy")
 
+from geometry_msgs.msg import PoseStamped  # noqa: E402
 from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.node import Node  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
@@ -32,6 +37,7 @@ from std_srvs.srv import Trigger  # noqa: E402
 
 from q_transformer_ros.contract import parse_contract  # noqa: E402
 from q_transformer_ros.data.image import preprocess_frame  # noqa: E402
+from q_transformer_ros.observation import Observation  # noqa: E402
 from q_transformer_ros.ros.policy_node import PolicyNode, load_interfaces  # noqa: E402
 from q_transformer_ros.ros.qos import COMMAND_QOS, DIAGNOSTIC_QOS, INSTRUCTION_QOS, SENSOR_QOS  # noqa: E402
 from q_transformer_ros.ros.recorder import EpisodeRecorder  # noqa: E402
@@ -68,6 +74,13 @@ CONTRACT = {
          "target": {"topic": "/rtt/joint_cmd", "msg_type": "sensor_msgs/msg/JointState", "field": "position[0]",
                     "joint": "elbow"}},
     ],
+    "state_inputs": [
+        {"name": "lift", "low": 0.0, "high": 1.0,
+         "source": {"topic": "/rtt/ee_pose", "msg_type": "geometry_msgs/msg/PoseStamped", "field": "pose.position.z"}},
+        {"name": "elbow_pos", "low": -1.0, "high": 1.0,
+         "source": {"topic": "/rtt/joint_states", "msg_type": "sensor_msgs/msg/JointState", "field": "position",
+                    "joint": "elbow"}},
+    ],
 }
 
 
@@ -79,6 +92,7 @@ class Robot(Node):
         self.front = self.create_publisher(Image, "/rtt/front/image_raw", SENSOR_QOS)
         self.wrist = self.create_publisher(CompressedImage, "/rtt/wrist/compressed", SENSOR_QOS)
         self.joints = self.create_publisher(JointState, "/rtt/joint_states", COMMAND_QOS)
+        self.pose = self.create_publisher(PoseStamped, "/rtt/ee_pose", SENSOR_QOS)
         self.instruction = self.create_publisher(String, "/rtt/instruction", INSTRUCTION_QOS)
         self.success = self.create_publisher(Bool, "/rtt/success", COMMAND_QOS)
         self.create_subscription(JointState, "/rtt/joint_cmd", self._on_joint_cmd, COMMAND_QOS)
@@ -90,7 +104,10 @@ class Robot(Node):
         """preprocessed front frame bytes -> the header stamp it was published with (ns)"""
         self.decisions: dict[int, list[int]] = {}
         """front frame stamp (ns) -> bins the node decided on it"""
+        self.decision_states: dict[int, list[float]] = {}
+        """front frame stamp (ns) -> the state inputs the node decided with (Decision.state)"""
         self.elbow = 0.0
+        self.lift = 0.5
         self.cam = parse_contract(CONTRACT).camera("front")
 
     def publish_front(self) -> None:
@@ -111,6 +128,16 @@ class Robot(Node):
     def publish_joints(self) -> None:
         self.joints.publish(JointState(name=["elbow"], position=[self.elbow]))
 
+    def publish_state(self) -> None:
+        """The hand height (a random walk) and the joints."""
+        self.lift = float(np.clip(self.lift + self.rng.uniform(-0.05, 0.05), 0.0, 1.0))
+        pose = PoseStamped()
+        t_ns = self.get_clock().now().nanoseconds
+        pose.header.stamp.sec, pose.header.stamp.nanosec = divmod(t_ns, 1_000_000_000)
+        pose.pose.position.z = self.lift
+        self.pose.publish(pose)
+        self.publish_joints()
+
     def _on_joint_cmd(self, msg: JointState) -> None:
         self.elbow = float(msg.position[list(msg.name).index("elbow")])  # the arm gets there at once
         self.publish_joints()
@@ -119,6 +146,7 @@ class Robot(Node):
         if msg.commanded:
             stamp = msg.frame_stamps[0]
             self.decisions[stamp.sec * 1_000_000_000 + stamp.nanosec] = list(msg.bins)
+            self.decision_states[stamp.sec * 1_000_000_000 + stamp.nanosec] = list(msg.state)
 
 
 class FrameKeyedPolicy:
@@ -135,9 +163,12 @@ class FrameKeyedPolicy:
     def __getattr__(self, name: str):
         return getattr(self._policy, name)
 
+    def push(self, obs: Observation) -> None:
+        self._front = np.asarray(obs.frames["front"])
+        self._policy.push(obs)
+
     def push_frames(self, frames: dict) -> None:
-        self._front = np.asarray(frames["front"])
-        self._policy.push_frames(frames)
+        self.push(Observation(frames=frames))
 
     def decide(self):
         from dataclasses import replace
@@ -156,18 +187,24 @@ def ros_context():
 
 
 def _spin(executor, seconds: float, robot: Robot | None = None, steps: list[int] | None = None) -> None:
-    """Spin; with ``robot``: front frames at RATE_HZ +-30 ms, wrist frames at 30 Hz."""
+    """Spin; with ``robot``: front frames at RATE_HZ +-30 ms, each right after the robot's state, the
+    state again half-way between frames, wrist frames at 30 Hz."""
     rng = np.random.default_rng(11)
     now = time.monotonic()
     end = now + seconds
-    next_front, next_wrist = now, now
+    next_front, next_wrist, next_state = now, now, now + 0.5 / RATE_HZ
     while time.monotonic() < end:
         t = time.monotonic()
         if robot is not None and t >= next_wrist:
             robot.publish_wrist()
             next_wrist += 1 / 30
+        if robot is not None and t >= next_state:
+            robot.publish_state()
+            next_state = float("inf")
         if robot is not None and t >= next_front:
+            robot.publish_state()
             robot.publish_front()
+            next_state = t + 0.5 / RATE_HZ
             if steps is not None:
                 steps.append(1)
             next_front = t + 1 / RATE_HZ + float(rng.uniform(-0.03, 0.03))
@@ -225,6 +262,7 @@ def test_policy_node_recorder_converter_round_trip(tmp_path: Path, ros_context) 
                          "--no-progress"]) == 0
     ds = ReplayDataset(out)
     compared, mismatches, distinct = 0, [], set()
+    state_mismatches, lifts = [], set()
     for e in range(ds.num_episodes):
         ep = ds.episode(e)
         stored_bins = contract.actions_to_bins(np.asarray(ep.actions))
@@ -236,6 +274,13 @@ def test_policy_node_recorder_converter_round_trip(tmp_path: Path, ros_context) 
             distinct.add(tuple(decided))
             if list(stored_bins[k]) != decided:
                 mismatches.append((e, k, list(stored_bins[k]), decided))
+            node_state = np.float32(robot.decision_states[stamp])
+            lifts.add(float(node_state[0]))
+            if not np.array_equal(np.asarray(ep.state[k]), node_state):
+                state_mismatches.append((e, k, np.asarray(ep.state[k]).tolist(), node_state.tolist()))
     assert compared >= 100, f"only {compared} steps compared"
     assert len(distinct) >= 30, f"the decisions barely vary ({len(distinct)} distinct): the test would prove little"
     assert mismatches == [], f"{len(mismatches)} of {compared} steps paired with another command: {mismatches[:5]}"
+    assert len(lifts) >= 30, f"the state barely varies ({len(lifts)} distinct heights): the test would prove little"
+    assert state_mismatches == [], (f"{len(state_mismatches)} of {compared} steps stored another state than the "
+                                    f"node decided with (stored, node): {state_mismatches[:5]}")
