@@ -187,6 +187,12 @@ def test_record_one_episode_through_ros_and_convert(tmp_path: Path) -> None:
     actions = np.stack([ds[i]["actions"].numpy() for i in range(len(ds))])
     assert np.abs(actions).max() > 0.05, "no expert commands reached the bag"
     assert sample["frames"].float().std() > 10, "blank camera frames"
+    if ds.contract.state_dim:  # the arm's state went sim -> recorder -> converter with every step
+        state = np.asarray(ds.episode(0).state)
+        assert state.shape == (len(ds.episode(0).actions), ds.contract.state_dim) and np.isfinite(state).all()
+        names = [s.name for s in ds.contract.state_inputs]
+        assert np.ptp(state[:, names.index("ee_z")]) > 0 or np.ptp(state[:, names.index("ee_x")]) > 0, "the hand never moved"
+        assert (state >= ds.contract.state_low - 0.1).all() and (state <= ds.contract.state_high + 0.1).all()
 
     before = {s: st.read_marker(cfg, s)["output_id"] for s in ("record", "convert")}
     bags = sorted(cfg.bags_dir.iterdir())
