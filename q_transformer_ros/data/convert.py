@@ -36,7 +36,7 @@ import numpy as np
 
 from q_transformer_ros.data.bag_reader import BagError, BagInfo, BagReader, bag_name, find_bags
 from q_transformer_ros.contract import (
-    INSTRUCTION_MSG_TYPES, SUCCESS_MSG_TYPES, ContractError, RobotContract, load_contract,
+    INSTRUCTION_MSG_TYPES, SUCCESS_MSG_TYPES, ContractError, RobotContract, StateInputSpec, load_contract,
 )
 from q_transformer_ros.data.image import ImageError, frame_from_msg
 from q_transformer_ros.data.labels import Labels, LabelsError, load_labels
@@ -309,11 +309,9 @@ def _read_small_topics(bag: BagReader, cfg: ConvertConfig) -> SmallTopics:
         times = np.asarray(dim_t[i], dtype=np.int64)
         order = np.argsort(times, kind="stable")
         streams.append(DimStream(times[order], np.asarray(dim_v[i], dtype=np.float64)[order]))
-    states: list[DimStream | None] = [None] * len(c.state_inputs)
-    for reader in state_readers.values():
-        for i, stream in reader.streams().items():
-            states[i] = stream
-    return SmallTopics(streams, [s for s in states if s is not None], np.sort(np.asarray(command_t, dtype=np.int64)),
+    by_input = {i: stream for reader in state_readers.values() for i, stream in reader.streams().items()}
+    states = [by_input[i] for i in range(len(c.state_inputs))]
+    return SmallTopics(streams, states, np.sort(np.asarray(command_t, dtype=np.int64)),
                        np.sort(np.asarray(step_t, dtype=np.int64)), instructions, successes, markers)
 
 
@@ -324,7 +322,7 @@ class _StateTopicReader:
     every message); a joint missing from some messages is not (arm and gripper may be published as
     separate JointState messages on one topic), only from all of them."""
 
-    def __init__(self, bag_path: Path, topic: str, inputs: list[tuple[int, Any]]) -> None:
+    def __init__(self, bag_path: Path, topic: str, inputs: list[tuple[int, StateInputSpec]]) -> None:
         self.bag_path, self.topic, self.inputs = bag_path, topic, inputs
         self.times: dict[int, list[int]] = {i: [] for i, _ in inputs}
         self.values: dict[int, list[float]] = {i: [] for i, _ in inputs}
