@@ -51,6 +51,10 @@ class DemoConfig:
     """Recorded episodes per task (layout seeds 0..N-1), cycling through ``noise_levels``."""
     noise_levels: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)
     """Std of the Gaussian noise on the expert's actions, per episode in turn: expert, noisy, failing."""
+    operators: tuple[str, ...] = ("expert",)
+    """Operator style per episode in turn (``sim.operators``: expert, wrong_target, stop_short,
+    release_early): the recorded data then hold systematic mistakes, not only noise. Episode i of a task
+    uses ``operators[i % len]`` with noise ``noise_levels[(i // len(operators)) % len]``."""
     max_episode_steps: int = 120
     """Control steps after which an episode ends as a failure (recording and closed loop)."""
     train_steps: int = 1000
@@ -93,6 +97,12 @@ class DemoConfig:
         self.out = Path(self.out)
         self.tasks = tuple(self.tasks)
         self.noise_levels = tuple(float(x) for x in self.noise_levels)
+        self.operators = tuple(self.operators)
+        from q_transformer_ros.sim.operators import OPERATOR_STYLES  # noqa: PLC0415
+
+        bad = [o for o in self.operators if o not in OPERATOR_STYLES]
+        if not self.operators or bad:
+            raise ValueError(f"DemoConfig.operators = {self.operators}: give styles from {OPERATOR_STYLES}")
         if not self.tasks:
             raise ValueError("DemoConfig.tasks is empty: name at least one Meta-World task")
         unknown = [t for t in self.tasks if t not in TASK_INSTRUCTIONS]
@@ -162,8 +172,13 @@ class DemoConfig:
     def record_plan(self) -> list[tuple[str, int, float]]:
         """(task, seed, noise std) of every recorded episode, task by task (the sim rebuilds its scene
         when the task changes, which costs seconds)."""
-        return [(task, i, self.noise_levels[i % len(self.noise_levels)])
+        n_ops = len(self.operators)
+        return [(task, i, self.noise_levels[(i // n_ops) % len(self.noise_levels)])
                 for task in self.tasks for i in range(self.episodes_per_task)]
+
+    def operator_for(self, seed: int) -> str:
+        """The operator style of recorded episode ``seed`` (layout seeds 0..N-1 of every task)."""
+        return self.operators[seed % len(self.operators)]
 
     def eval_plan(self) -> list[tuple[str, int]]:
         """(task, held-out seed) of every closed-loop episode, task by task."""

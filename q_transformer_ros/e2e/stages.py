@@ -64,8 +64,11 @@ def stage_key(cfg: DemoConfig, stage: str) -> dict[str, Any]:
     """What the stage's output depends on."""
     contract = cfg.contract.read_text()
     if stage == "record":
-        return {"tasks": list(cfg.tasks), "episodes_per_task": cfg.episodes_per_task, "noise": list(cfg.noise_levels),
-                "max_episode_steps": cfg.max_episode_steps, "contract": contract}
+        key = {"tasks": list(cfg.tasks), "episodes_per_task": cfg.episodes_per_task, "noise": list(cfg.noise_levels),
+               "max_episode_steps": cfg.max_episode_steps, "contract": contract}
+        if cfg.operators != ("expert",):
+            key["operators"] = list(cfg.operators)
+        return key
     if stage == "convert":
         return {"record": upstream_id(cfg, "record")}
     if stage == "train":
@@ -132,7 +135,8 @@ def record(cfg: DemoConfig) -> dict[str, Any]:
     from q_transformer_ros.contract import load_contract  # noqa: PLC0415
 
     plan = cfg.record_plan()
-    have = {(r.task, r.seed, r.noise): r for r in read_records(cfg.record_log) if r.source and Path(r.source).exists()}
+    have = {(r.task, r.seed, r.noise): r for r in read_records(cfg.record_log)
+            if r.source and Path(r.source).exists() and r.operator == cfg.operator_for(r.seed)}
     done = [have[k] for k in plan if k in have]
     todo = [k for k in plan if k not in have]
     if done:
@@ -157,11 +161,13 @@ def record(cfg: DemoConfig) -> dict[str, Any]:
             try:
                 for task, seed, noise in todo:
                     nodes.check_alive()
-                    ros.driver.set_parameters("expert", {"noise_std": float(noise)})
-                    ros.recorder.prefix = f"{task}_seed{seed:03d}_noise{noise:g}"
+                    operator = cfg.operator_for(seed)
+                    ros.driver.set_parameters("expert", {"noise_std": float(noise), "operator": operator})
+                    ros.recorder.prefix = f"{task}_seed{seed:03d}_noise{noise:g}" + (
+                        "" if operator == "expert" else f"_{operator}")
                     out = ros.driver.run_episode(task, seed, record=True, max_steps=cfg.max_episode_steps)
                     done.append(EpisodeRecord(task=task, seed=seed, success=out.success, noise=float(noise),
-                                              steps=out.steps, source=out.bag or ""))
+                                              steps=out.steps, source=out.bag or "", operator=operator))
                     done.sort(key=lambda r: plan.index((r.task, r.seed, r.noise)))
                     write_records(cfg.record_log, done)
                     bar.set_postfix(task=task, last=out.end_reason, success=f"{sum(r.success for r in done)}/{len(done)}")
