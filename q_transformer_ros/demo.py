@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objective", choices=("q_learning", "bc"), help="q_learning (Q-Transformer) or bc")
     p.add_argument("--text-encoder-weights", help="local open_clip weights file for the instruction encoder")
     p.add_argument("--eval-episodes", type=int, help="closed-loop episodes per task (held-out seeds)")
+    p.add_argument("--no-bc", action="store_true", help="do not train and run the behaviour-cloning baseline")
     p.add_argument("--contract", help="robot contract YAML (default: config/contract_ee_arm.yaml)")
     p.add_argument("--image-size", type=int, help="camera size for the run (default 32; 0 = the contract's own)")
     p.add_argument("--domain-id", type=int, help="ROS_DOMAIN_ID for all nodes (default: 100 + pid %% 100)")
@@ -72,6 +73,8 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
     if args.image_size is not None:
         given["image_size"] = args.image_size or None
     given["progress"] = not args.no_progress
+    if args.no_bc:
+        given["compare_bc"] = False
     return DemoConfig.quick(**given) if args.quick else DemoConfig(**given)
 
 

@@ -70,6 +70,9 @@ class DemoConfig:
     (the instructions of a few tasks stay distinct codes; no download needed)."""
     eval_episodes: int = 3
     """Closed-loop episodes per task, on held-out seeds (from EVAL_SEED_OFFSET)."""
+    compare_bc: bool = True
+    """Also train behaviour cloning (same data, network, steps and seed) and run it closed loop on the
+    same seeds, so the table shows Q-learning next to cloning (``train_bc/``, ``eval_bc.jsonl``)."""
     contract: Path | None = None
     """Robot contract YAML; None = config/contract_ee_arm.yaml."""
     image_size: int | None = 32
@@ -161,7 +164,7 @@ class DemoConfig:
     def quick(cls, **overrides: Any) -> "DemoConfig":
         """A tiny run for tests and smoke checks: 1 task, 2 short episodes, a few training steps, 1 closed-loop episode."""
         base = dict(tasks=("drawer-close-v3",), episodes_per_task=2, noise_levels=(0.0, 0.5), max_episode_steps=25,
-                    train_steps=4, batch_size=8, eval_episodes=1, image_size=32)
+                    train_steps=4, batch_size=8, eval_episodes=1, image_size=32, compare_bc=False)
         base.update(overrides)
         return cls(**base)
 
@@ -210,6 +213,18 @@ class DemoConfig:
         return self.out / "eval.jsonl"
 
     @property
+    def train_bc_dir(self) -> Path:
+        return self.out / "train_bc"
+
+    @property
+    def checkpoint_bc(self) -> Path:
+        return self.train_bc_dir / "checkpoint.pt"
+
+    @property
+    def eval_bc_log(self) -> Path:
+        return self.out / "eval_bc.jsonl"
+
+    @property
     def logs_dir(self) -> Path:
         return self.out / "logs"
 
@@ -219,5 +234,5 @@ class DemoConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["out"], d["contract"] = str(self.out), str(self.contract)
-        d["tasks"], d["noise_levels"] = list(self.tasks), list(self.noise_levels)
+        d["tasks"], d["noise_levels"], d["operators"] = list(self.tasks), list(self.noise_levels), list(self.operators)
         return d
