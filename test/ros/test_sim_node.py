@@ -174,7 +174,7 @@ def test_images_state_and_latched_instruction(system) -> None:
 
 def test_arm_state_on_the_ee_contract_topics(system) -> None:
     """/ee_pose and /gripper_state carry the hand position and the finger opening, the state inputs of
-    config/contract_ee_arm_state.yaml, readable by the same field references."""
+    config/contract_ee_arm.yaml, readable by the same field references."""
     from q_transformer_ros.contract import load_contract  # noqa: PLC0415
     from q_transformer_ros.data.messages import read_field  # noqa: PLC0415
 
@@ -184,7 +184,7 @@ def test_arm_state_on_the_ee_contract_topics(system) -> None:
         pose, grip = probe.arm_poses[-1], probe.grippers[-1]
     assert pose.header.frame_id == "world" and pose.header.stamp.sec > 0
     assert list(grip.name) == ["gripper"] and 0.0 <= grip.position[0] <= 1.05 and grip.header.stamp.sec > 0
-    contract = load_contract(Path(__file__).resolve().parents[2] / "config" / "contract_ee_arm_state.yaml")
+    contract = load_contract(Path(__file__).resolve().parents[2] / "config" / "contract_ee_arm.yaml")
     messages = {"/ee_pose": pose, "/gripper_state": grip}
     values = {s.name: read_field(messages[s.source.topic], s.source) for s in contract.state_inputs}
     assert values["gripper"] == grip.position[0]
