@@ -4,7 +4,9 @@ Subscribes (raw, so the CDR bytes go to the bag untouched) to every camera, ever
 topic, every state input's topic, the instruction topic and the success topic of the contract. State
 topics are subscribed first, as in the policy node: a state message and a frame that arrive together
 are then written state first (rclpy's executor takes ready subscriptions in creation order), so the
-converter pairs a frame with the state the node would have used with it. An episode starts on
+converter pairs a frame with the state the node would have used with it. Each episode bag also starts
+with the newest message of every state topic, at the time it was received (before the episode): the
+first frame of an episode then has the state the node would have had with it. An episode starts on
 ``~/start_episode`` and ends on ``~/stop_episode`` (std_srvs/Trigger) or when a message arrives on the
 success topic (``stop_on_success``). Each bag is written with rosbags into a temp folder and renamed
 into ``output_dir`` when the episode ends, with a standard metadata.yaml, so both the converter and
@@ -88,6 +90,9 @@ class EpisodeRecorder(Node):
         self.finished: list[Path] = []
         """Bags completed by this node, in order."""
         self.last_instruction: tuple[bytes, str] | None = None
+        self.state_topics = {s.source.topic for s in self.contract.state_inputs}
+        self.last_state: dict[str, tuple[int, bytes]] = {}
+        """State topic -> (receive time, raw message) of its newest message, episode or not."""
         self._subs = []
         state_first = sorted(self.topics.items(), key=lambda item: item[1][1] != "state")
         for topic, (msg_type, role) in state_first:
@@ -112,6 +117,8 @@ class EpisodeRecorder(Node):
         writer.set_custom_data("contract", self.contract.name)
         writer.set_custom_data("recorded_by", "q_transformer_ros record")
         self.writer = writer
+        for topic, (t, raw) in sorted(self.last_state.items(), key=lambda item: item[1][0]):
+            writer.write_raw(topic, t, raw)  # the state in force when the episode starts (older than it)
         if self.last_instruction is not None and self.contract.instruction.topic:
             raw, _ = self.last_instruction  # latched: every episode bag starts with its instruction
             writer.write_raw(self.contract.instruction.topic, self._now(), raw)
@@ -139,11 +146,14 @@ class EpisodeRecorder(Node):
         return self.get_clock().now().nanoseconds
 
     def _on_message(self, topic: str, role: str, raw: bytes) -> None:
+        now = self._now()
         if role == "instruction":
             self.last_instruction = (bytes(raw), _decode_string(raw))
+        if topic in self.state_topics:
+            self.last_state[topic] = (now, bytes(raw))
         if self.writer is None:
             return
-        self.writer.write_raw(topic, self._now(), raw)
+        self.writer.write_raw(topic, now, raw)
         if role == "success" and self.stop_on_success and _decode_bool(raw):
             # Only a True success ends the episode: simulators publish False every step.
             try:

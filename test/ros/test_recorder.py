@@ -185,12 +185,25 @@ def test_record_then_convert(tmp_path: Path) -> None:
         assert meta["storage_identifier"] == "mcap" and (b / meta["relative_file_paths"][0]).exists()
         assert meta["custom_data"]["instruction"] == "stack the blocks"
 
+    from q_transformer_ros.data.bag_reader import BagReader
+
+    for b in bags:  # each episode starts with the state in force (received before it), then the instruction
+        with BagReader(b) as bag:
+            first = [(topic, t) for topic, t, _ in bag.messages(["/rt/ee_pose", "/rt/joint_states", "/rt/instruction"])][:3]
+        assert sorted(topic for topic, _ in first) == ["/rt/ee_pose", "/rt/instruction", "/rt/joint_states"], first
+        assert first[-1][0] == "/rt/instruction" and first[0][1] <= first[1][1] < first[2][1]
+
     from q_transformer_ros.core.replay_dataset import ReplayDataset
     from q_transformer_ros.data.convert import main
 
     ds_path = tmp_path / "ds"
+    report = tmp_path / "report.json"
     assert main([*map(str, bags), "--out", str(ds_path), "--contract", str(contract_file), "--no-progress",
-                 "--unlabeled", "failure"]) == 0
+                 "--unlabeled", "failure", "--report-json", str(report)]) == 0
+    import json
+
+    drops = [reason for r in json.loads(report.read_text()) for reason in r["dropped"]]
+    assert not [d for d in drops if "state input" in d], drops  # the first frames have their state too
     ds = ReplayDataset(ds_path)
     assert ds.num_episodes == 2
     ep1, ep2 = ds.episode(0), ds.episode(1)
