@@ -36,7 +36,11 @@ from torch import Tensor, nn
 from q_transformer_ros.core.decision_steps import decide_step, encode_step
 
 META_PREFIX = "q_transformer_ros."
-ONNX_OPSET = 18
+ONNX_OPSET = 20
+"""Opset 20 has a native Gelu: the MaxViT's 18 erf-GELUs become one kernel each instead of five, and
+onnxruntime runs the small config's encode step ~10 % faster (CPU time, 1 thread, 2.9 -> 2.6 ms) with
+the same outputs (max difference 1e-6). Int8 dynamic quantisation was measured and is not used: MatMul-only
+int8 gained nothing, Conv+MatMul int8 (ConvInteger) ran 2x slower, at 0.5-1.6 % token error."""
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 
 
