@@ -60,6 +60,8 @@ VARIANTS = {
     "QT-hl_gauss": ["--objective", "q_learning", "--set", "learner.td_loss=hl_gauss",
                     "--set", "model_overrides.value_bins=51"],
     "QT-bc_aux": ["--objective", "q_learning", "--set", "learner.bc_weight=0.1"],
+    "QT-gamma_995": ["--objective", "q_learning", "--set", "discount=0.995"],
+    "BC-gamma_995": ["--objective", "bc", "--set", "discount=0.995"],
 }
 
 
@@ -78,9 +80,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--model-preset", default="tiny", choices=("tiny", "small", "base"))
     p.add_argument("--eval-episodes", type=int, default=10, help="closed-loop episodes per task (held-out seeds)")
-    p.add_argument("--ablations", nargs="*", default=[], choices=("no_conservative", "no_mc_bound", "td_bce", "n_step_5", "hl_gauss", "bc_aux"),
+    p.add_argument("--ablations", nargs="*", default=[], choices=("no_conservative", "no_mc_bound", "td_bce", "n_step_5", "hl_gauss", "bc_aux", "gamma_995"),
                    help="Q-Transformer variants next to QT: conservative weight 0, no MC lower bound, BCE instead "
-                        "of MSE on the taken bin's Q, 5-step returns, HL-Gauss value classification (51 value bins), an auxiliary cloning term (weight 0.1)")
+                        "of MSE on the taken bin's Q, 5-step returns, HL-Gauss value classification (51 value bins), an auxiliary cloning term (weight 0.1), discount 0.995 instead of the contract's")
     p.add_argument("--no-bc", action="store_true", help="train and evaluate the Q-Transformer variants only")
     p.add_argument("--augment-shift-px", type=int, default=0,
                    help="DrQ random-shift augmentation in training, pixels (0 = off), for every variant")

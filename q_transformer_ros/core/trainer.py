@@ -20,6 +20,7 @@ does one optimizer step (micro-batches of :func:`learning_step`, clipping, targe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import random
@@ -100,6 +101,12 @@ class TrainConfig:
     """Max global gradient norm (0 = no clipping; the norm is still logged)."""
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step."""
+    discount: float | None = None
+    """Discount gamma for this training run; None = the contract's. Why an override: the signal that tells
+    bins apart at a state scales with its value, about gamma^(steps to success), so an episode of 100
+    control steps at gamma 0.98 teaches its first decisions with ~0.13 of the signal of its last ones;
+    a run may want a longer horizon than the contract was written with. Stored in the checkpoint's
+    learner config (the checkpoint's contract keeps the robot's value)."""
     augment_shift_px: int = 0
     """DrQ random-shift augmentation of training images by up to this many pixels (edges replicated;
     the current and the next observation shifted independently); 0 = off. 4 is DrQ's for 84 px images."""
@@ -160,6 +167,8 @@ class TrainConfig:
             raise self._bad("min_lr_ratio", "must be in [0, 1]")
         if not self.grad_clip >= 0:
             raise self._bad("grad_clip", "must be >= 0")
+        if self.discount is not None and not (isinstance(self.discount, (int, float)) and 0 < self.discount <= 1):
+            raise self._bad("discount", "must be null or in (0, 1]")
         if self.cond_drop_prob is not None and not 0 <= self.cond_drop_prob < 1:
             raise self._bad("cond_drop_prob", "must be null or in [0, 1)")
         if self.resume not in ("auto", "require", "never"):
@@ -321,10 +330,21 @@ TRAIN_KEYS = ("frames", "next_frames", "state", "next_state", "action_bins", "re
 def open_datasets(cfg: TrainConfig, contract: RobotContract | None) -> tuple[list[Any], RobotContract]:
     """Open every dataset with the training contract; errors name the dataset path."""
     from q_transformer_ros.replay import DatasetError
+    from q_transformer_ros.replay.format import MANIFEST_NAME, read_manifest
     from q_transformer_ros.core.replay_dataset import ReplayDataset
 
     if not cfg.dataset:
         raise TrainError("no dataset given: pass --dataset DIR (or 'dataset:' in the config)")
+    if cfg.discount is not None:  # read with this discount (returns and bootstraps are computed with it)
+        if contract is None:  # the first dataset's, as below
+            first = Path(cfg.dataset[0])
+            try:
+                contract = read_manifest(first).robot_contract(str(first / MANIFEST_NAME))
+            except (DatasetError, ContractError, OSError) as e:
+                raise TrainError(f"dataset {first}: {e}") from None
+    robot = contract  # what the checkpoint carries: the robot's own contract, its discount included
+    if cfg.discount is not None:
+        contract = dataclasses.replace(contract, discount=float(cfg.discount))
     out = []
     for path in cfg.dataset:
         p = Path(path)
@@ -340,7 +360,7 @@ def open_datasets(cfg: TrainConfig, contract: RobotContract | None) -> tuple[lis
             contract = ds.contract
         out.append(ds)
     assert contract is not None
-    return out, contract
+    return out, (robot if robot is not None else contract)
 
 
 def instruction_table(
@@ -558,7 +578,8 @@ def build_model(
             raise TrainError(f"model_preset {cfg.model_preset!r} / model_overrides {cfg.model_overrides}: {e}") from None
     cond_drop = model_cfg.cond_drop_prob if cfg.cond_drop_prob is None else cfg.cond_drop_prob
     try:
-        lcfg = LearnerConfig.from_dict({**cfg.learner, "objective": cfg.objective, "discount": contract.discount,
+        discount = contract.discount if cfg.discount is None else float(cfg.discount)
+        lcfg = LearnerConfig.from_dict({**cfg.learner, "objective": cfg.objective, "discount": discount,
                                         "cond_drop_prob": cond_drop})
     except (TypeError, ValueError) as e:
         raise TrainError(f"learner: {e}") from None
