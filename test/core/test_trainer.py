@@ -370,3 +370,12 @@ def test_discount_override_trains_with_its_own_returns(tmp_path):
     assert ck["contract"]["discount"] == 0.9
     with pytest.raises(TrainError, match="discount"):
         config_from_args(args(ds, tmp_path / "r2", "--set", "discount=1.5"))
+
+
+def test_auto_threads_leave_the_busy_cores_alone():
+    from q_transformer_ros.core.trainer import auto_threads
+
+    assert auto_threads(cores=2, load=0.1) == 2
+    assert auto_threads(cores=2, load=1.2) == 1   # another process holds a core: 1 thread
+    assert auto_threads(cores=2, load=5.0) == 1   # never 0
+    assert auto_threads(cores=16, load=3.4) == 13
