@@ -57,6 +57,11 @@ VARIANTS = {
     "QT-no_mc_bound": ["--objective", "q_learning", "--set", "learner.mc_lower_bound=false"],
     "QT-td_bce": ["--objective", "q_learning", "--set", "learner.td_loss=bce"],
     "QT-n_step_5": ["--objective", "q_learning", "--n-step", "5"],
+    "QT-hl_gauss": ["--objective", "q_learning", "--set", "learner.td_loss=hl_gauss",
+                    "--set", "model_overrides.value_bins=51"],
+    "QT-bc_aux": ["--objective", "q_learning", "--set", "learner.bc_weight=0.1"],
+    "QT-gamma_995": ["--objective", "q_learning", "--set", "discount=0.995"],
+    "BC-gamma_995": ["--objective", "bc", "--set", "discount=0.995"],
 }
 
 
@@ -75,9 +80,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--model-preset", default="tiny", choices=("tiny", "small", "base"))
     p.add_argument("--eval-episodes", type=int, default=10, help="closed-loop episodes per task (held-out seeds)")
-    p.add_argument("--ablations", nargs="*", default=[], choices=("no_conservative", "no_mc_bound", "td_bce", "n_step_5"),
+    p.add_argument("--ablations", nargs="*", default=[], choices=("no_conservative", "no_mc_bound", "td_bce", "n_step_5", "hl_gauss", "bc_aux", "gamma_995"),
                    help="Q-Transformer variants next to QT: conservative weight 0, no MC lower bound, BCE instead "
-                        "of MSE on the taken bin's Q, 5-step returns")
+                        "of MSE on the taken bin's Q, 5-step returns, HL-Gauss value classification (51 value bins), an auxiliary cloning term (weight 0.1), discount 0.995 instead of the contract's")
     p.add_argument("--no-bc", action="store_true", help="train and evaluate the Q-Transformer variants only")
     p.add_argument("--augment-shift-px", type=int, default=0,
                    help="DrQ random-shift augmentation in training, pixels (0 = off), for every variant")
@@ -239,7 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         contract_path = DemoConfig(out=out, contract=contract_path, image_size=args.image_size).run_contract()
     contract = load_contract(contract_path)
     key = json.dumps({k: v for k, v in vars(args).items()
-                      if k not in ("force", "eval_episodes", "ablations", "out", "no_bc")})
+                      if k not in ("force", "eval_episodes", "ablations", "out", "no_bc")
+                      and not (k == "operators" and v == ["expert"])})
     if (out / "run_key.json").exists() and (out / "run_key.json").read_text() != key:
         for variant in VARIANTS:  # other knobs: models and evaluations are stale (the data cache checks itself)
             shutil.rmtree(out / variant, ignore_errors=True)

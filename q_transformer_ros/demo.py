@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--domain-id", type=int, help="ROS_DOMAIN_ID for all nodes (default: 100 + pid %% 100)")
     p.add_argument("--device", help="torch device for training and the policy node (default: cpu)")
     p.add_argument("--torch-threads", type=int,
-                   help="torch threads for training (default: one per core; 1 if another process keeps a core busy)")
+                   help="torch threads for training (default 0: one per core not already busy, from the load average)")
     p.add_argument("--stages", nargs="+", choices=STAGES, help="run only these stages (default: all)")
     p.add_argument("--force", nargs="*", choices=STAGES, metavar="STAGE",
                    help="redo these stages (no name: all) even if their output exists")

@@ -68,6 +68,11 @@ class LearnerConfig:
     """Upper end of the Q range; bce/hl_gauss targets are clamped into [min_reward, max_reward]."""
     mc_lower_bound: bool = True
     """Clip every target from below by the sample's Monte-Carlo return-to-go."""
+    bc_weight: float = 0.0
+    """Weight of an auxiliary cloning term for 'q_learning': cross-entropy of the data's bin over each
+    dim's Q logits (models with value_bins = 1). It pulls the taken bin above the others, the same
+    direction as the conservative term, with cross-entropy's scale-free gradient (as TD3+BC regularises
+    an offline actor). 0 (default): the paper's objective."""
     target_update: TargetUpdate = "ema"
     """'ema': target <- (1 - tau) target + tau online every step; 'copy': hard copy every
     ``target_copy_every`` steps."""
@@ -93,6 +98,8 @@ class LearnerConfig:
             raise bad("td_loss", "must be 'mse', 'bce' or 'hl_gauss'")
         if not self.conservative_weight >= 0.0:
             raise bad("conservative_weight", "must be >= 0")
+        if not self.bc_weight >= 0.0:
+            raise bad("bc_weight", "must be >= 0")
         if not self.min_reward < self.max_reward:
             raise bad("min_reward", f"must be < max_reward ({self.max_reward})")
         if self.target_update not in ("ema", "copy"):
@@ -385,6 +392,13 @@ def learning_step(
         loss = loss + cfg.conservative_weight * cons
     else:
         cons = torch.zeros((), device=q.device)
+    if cfg.bc_weight > 0:
+        if has_value_bins:
+            raise ValueError("learner.bc_weight > 0 needs scalar Q logits (a model with value_bins = 1)")
+        aux, aux_acc = bc_loss(logits, action_bins, bin_mask)
+        loss = loss + cfg.bc_weight * aux
+        metrics["losses/bc_loss"] = aux.detach()
+        metrics["bc/accuracy"] = aux_acc.detach()
 
     q_taken = take_bins(q, action_bins).detach()
     metrics["losses/td_loss"] = td.detach()

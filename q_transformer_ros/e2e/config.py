@@ -89,8 +89,9 @@ class DemoConfig:
     seed: int = 0
     """Training seed and expert-noise seed."""
     torch_threads: int = 0
-    """Torch intra-op threads for training; 0 = torch's default (one per core). On a 2-core machine
-    where another process keeps one core busy, 2-thread training runs ~10x slower than usual; 1 avoids that."""
+    """Torch intra-op threads for training; 0 = the trainer's automatic choice (one per core not already
+    busy, from the load average: on a 2-core machine where another process keeps one core busy, 2-thread
+    training runs ~10x slower than usual and 1 thread avoids that)."""
     progress: bool = True
     """tqdm progress bars."""
     extra_train_args: list[str] = field(default_factory=list)

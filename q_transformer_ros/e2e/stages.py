@@ -237,7 +237,8 @@ def train_argv(cfg: DemoConfig, dataset: Path, out: Path, objective: str | None 
             "--device", cfg.device, "--seed", str(cfg.seed),
             "--checkpoint-every", str(max(50, cfg.train_steps // 5)),
             "--set", f"warmup_steps={min(100, max(1, cfg.train_steps // 10))}",
-            "--set", f"log_every={max(1, min(20, cfg.train_steps // 10))}"]
+            "--set", f"log_every={max(1, min(20, cfg.train_steps // 10))}",
+            "--set", f"threads={cfg.torch_threads}"]  # 0: the trainer picks (cores not already busy)
     if cfg.text_encoder_weights:
         argv += ["--set", f"text_encoder.pretrained={cfg.text_encoder_weights}"]
     else:
@@ -254,10 +255,6 @@ def train(cfg: DemoConfig) -> dict[str, Any]:
 
     if not (cfg.dataset_dir / "manifest.json").exists():
         raise StageError(f"train: no dataset at {cfg.dataset_dir}; run the convert stage")
-    if cfg.torch_threads:
-        import torch  # noqa: PLC0415
-
-        torch.set_num_threads(cfg.torch_threads)
     runs = [(cfg.objective, cfg.train_dir, cfg.checkpoint)]
     if cfg.compare_bc and cfg.objective != "bc":
         runs.append(("bc", cfg.train_bc_dir, cfg.checkpoint_bc))

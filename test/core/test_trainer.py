@@ -358,3 +358,24 @@ sys.exit(main({argv!r}))
     assert load_checkpoint(out / "checkpoint.pt")["step"] == 2
     result = train(config_from_args(argv))
     assert result.step == 6 and not list(out.glob(".checkpoint.pt.tmp-*"))
+
+
+def test_discount_override_trains_with_its_own_returns(tmp_path):
+    """--set discount=... reads the data with that gamma (returns, bootstraps) and says so in the
+    checkpoint's learner config; the checkpoint's contract keeps the robot's own value."""
+    ds = make_dataset(tmp_path / "ds", discount=0.9)
+    res = train(config_from_args(args(ds, tmp_path / "r", "--steps", "2", "--batch-size", "8", "--set", "discount=0.5")))
+    ck = load_checkpoint(res.checkpoint)
+    assert ck["learner_config"]["discount"] == 0.5
+    assert ck["contract"]["discount"] == 0.9
+    with pytest.raises(TrainError, match="discount"):
+        config_from_args(args(ds, tmp_path / "r2", "--set", "discount=1.5"))
+
+
+def test_auto_threads_leave_the_busy_cores_alone():
+    from q_transformer_ros.core.trainer import auto_threads
+
+    assert auto_threads(cores=2, load=0.1) == 2
+    assert auto_threads(cores=2, load=1.2) == 1   # another process holds a core: 1 thread
+    assert auto_threads(cores=2, load=5.0) == 1   # never 0
+    assert auto_threads(cores=16, load=3.4) == 13
