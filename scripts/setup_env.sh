@@ -103,6 +103,35 @@ else
   log "Python requirements up to date (stamp $REQ_STAMP)"
 fi
 
+# 2b. Packages installed WITHOUT their dependencies (requirements/no-deps/*.txt): the real LeRobot
+#     dataset writers the tests check us against. Their declared pins (torch<2.11, ...) would
+#     downgrade what step 2 installed; what they really import is in requirements/test-lerobot.txt.
+#     venv.txt goes into the venv; any other <name>.txt into $VENV/no-deps/<name> (a --target folder,
+#     for a second release of a package that must not replace the first; tests put it on PYTHONPATH).
+NODEPS_FILES=("$REPO_ROOT"/requirements/no-deps/*.txt)
+NODEPS_STAMP="$VENV/.qtr_no_deps.sha256"
+if [[ -e "${NODEPS_FILES[0]}" ]]; then
+  nodeps_hash="$( { "$VPY" -VV; echo "${QTR_PIP_ARGS:-}"; for f in "${NODEPS_FILES[@]}"; do echo "$f"; cat "$f"; done; } \
+                  | sha256sum | cut -d' ' -f1)"
+  if [[ "$FORCE" == "1" || ! -f "$NODEPS_STAMP" || "$(cat "$NODEPS_STAMP")" != "$nodeps_hash" ]]; then
+    for f in "${NODEPS_FILES[@]}"; do
+      name="$(basename "$f" .txt)"
+      target_args=()
+      if [[ "$name" != "venv" ]]; then
+        rm -rf "$VENV/no-deps/$name"
+        target_args=(--target "$VENV/no-deps/$name")
+      fi
+      log "installing ${f##*/requirements/} without dependencies${target_args[1]:+ into ${target_args[1]}}"
+      # shellcheck disable=SC2086
+      "$VPY" -m pip install --disable-pip-version-check --progress-bar off --no-deps ${QTR_PIP_ARGS:-} \
+        "${target_args[@]}" -r "$f"
+    done
+    echo "$nodeps_hash" > "$NODEPS_STAMP.tmp" && mv "$NODEPS_STAMP.tmp" "$NODEPS_STAMP"
+  else
+    log "no-deps packages up to date (stamp $NODEPS_STAMP)"
+  fi
+fi
+
 # ---------------------------------------------------------------------------------------------
 # 3. colcon build (msg/, srv/, launchers, launch/, config/, our Python modules into install/)
 # ---------------------------------------------------------------------------------------------
