@@ -247,6 +247,9 @@ def export_lerobot(dataset: str | Path, out: str | Path, cfg: ExportConfig = Exp
     for cam in c.cameras:
         if cam.height % 2 or cam.width % 2:
             raise LeRobotExportError(f"camera '{cam.name}' is {cam.width}x{cam.height}: yuv420p video needs even sizes")
+        if cfg.vcodec == "libsvtav1" and min(cam.height, cam.width) < 32:
+            raise LeRobotExportError(f"camera '{cam.name}' is {cam.width}x{cam.height}: libsvtav1 needs at least 32x32 "
+                                     f"(it crashes below); use --vcodec libx264 or mpeg4")
     fps = float(c.control_rate_hz)
     features = lerobot_features(reader, cfg, fps)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
