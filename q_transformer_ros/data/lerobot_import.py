@@ -484,7 +484,7 @@ class DatasetImport:
         errors: dict[str, np.ndarray] = {}
         for cam in c.cameras:
             key = self.rm.cameras[cam.name]
-            if key in rows.images:
+            if cam.name in rows.images:
                 imgs = [None] * T
                 for t in np.flatnonzero(valid):
                     imgs[t] = decode_image_cell(rows.images[cam.name][int(t)].as_py(), ep.data_path, key, int(t))

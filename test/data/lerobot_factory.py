@@ -12,12 +12,13 @@ A spec is ``{"root", "fps", "features", "episodes": [{"task", "frames": [{featur
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -41,7 +42,8 @@ def write_with_lerobot(spec: dict[str, Any]) -> Path:
                 ds.add_frame(frame, task=ep["task"])
             else:
                 ds.add_frame({**frame, "task": ep["task"]})
-        ds.save_episode()
+        with numpy24_scalar_shim():
+            ds.save_episode()
     if not v21:
         ds.finalize()
     return Path(spec["root"])
@@ -61,6 +63,27 @@ def write_v21(specs: list[dict[str, Any]], tmp: Path) -> None:
                           timeout=300)
     if proc.returncode != 0:
         raise RuntimeError(f"lerobot 0.3.3 writer failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+
+
+@contextlib.contextmanager
+def numpy24_scalar_shim() -> Iterator[None]:
+    """LeRobot stores a (1,) number feature (``next.reward``) as a (1,) array and ``datasets`` then calls
+    ``float(value)`` on it, which NumPy >= 2.4 refuses for 1-D arrays; LeRobot's own recordings of such
+    a feature fail the same way in this environment. Unwrap one-element arrays for the write only."""
+    from datasets.features import features as hf
+
+    original = hf.Value.encode_example
+
+    def encode_example(self: Any, value: Any) -> Any:
+        if isinstance(value, np.ndarray) and value.shape == (1,):
+            value = value[0]
+        return original(self, value)
+
+    hf.Value.encode_example = encode_example
+    try:
+        yield
+    finally:
+        hf.Value.encode_example = original
 
 
 def smooth_frames(T: int, h: int, w: int, seed: int) -> np.ndarray:

@@ -84,13 +84,28 @@ def pair_spec(root: Path) -> dict:
                          "action": vec(4, ["x", "y", "z", "grip"])}}
 
 
+def images_spec(root: Path) -> dict:
+    """Image columns instead of videos (``use_videos=False``), a dense reward with a success threshold."""
+    rng = np.random.default_rng(3)
+    episodes = []
+    for e, T in enumerate((4, 5)):
+        imgs = smooth_frames(T, H, W, seed=30 + e)
+        reward = np.linspace(0.0, 1.0 if e == 0 else 0.6, T).astype(np.float32)
+        episodes.append({"task": "push the T", "frames": [
+            {"observation.image": imgs[t], "action": rng.uniform(-0.9, 0.9, 3).astype(np.float32),
+             "next.reward": reward[t:t + 1]} for t in range(T)]})
+    return {"root": str(root), "fps": FPS, "episodes": episodes, "use_videos": False,
+            "features": {"observation.image": {"dtype": "image", "shape": (H, W, 3), "names": ["height", "width", "channels"]},
+                         "action": vec(3), "next.reward": {"dtype": "float32", "shape": (1,), "names": None}}}
+
+
 @pytest.fixture(scope="module")
 def written(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], tuple[Path, dict]]:
     """(name, version) -> (dataset folder, the spec handed to the real writer)."""
     base = tmp_path_factory.mktemp("lerobot")
     out = {}
     v21 = []
-    for name, make in (("single", single_spec), ("pair", pair_spec)):
+    for name, make in (("single", single_spec), ("pair", pair_spec), ("images", images_spec)):
         spec = make(base / f"{name}_v30")
         write_with_lerobot(spec)
         out[(name, "v3.0")] = (Path(spec["root"]), spec)
@@ -188,6 +203,33 @@ def test_two_cameras_action_names_labels_file(version, written, tmp_path, capsys
         assert ep.instruction == "stack the blocks"
         assert_frames_match(np.asarray(ep.frames["cam0"]), [f["observation.images.top"] for f in frames], f"top {e}")
         assert_frames_match(np.asarray(ep.frames["cam1"]), [f["observation.images.wrist"] for f in frames], f"wrist {e}")
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_image_columns_and_a_reward_threshold(version, written, tmp_path, capsys):
+    root, spec = written[("images", version)]
+    assert json.loads((root / "meta" / "info.json").read_text())["features"]["observation.image"]["dtype"] == "image"
+    mapping = tmp_path / "mapping.yaml"
+    mapping.write_text(yaml.safe_dump({"success": {"column": "next.reward", "threshold": 0.95, "failure": "truncated"},
+                                       "reward": "next.reward"}))
+    assert import_main([str(root), "--out", str(tmp_path / "ds"), "--contract", str(contract_file(tmp_path)),
+                        "--mapping", str(mapping), "--no-progress"]) == 0, capsys.readouterr().err
+    r = ReplayReader(tmp_path / "ds")
+    assert [(ep.entry.success, ep.entry.terminal) for ep in r] == [(True, True), (False, False)]
+    for e, ep in enumerate(r):
+        frames = spec["episodes"][e]["frames"]
+        np.testing.assert_array_equal(ep.rewards, np.concatenate([np.asarray(f["next.reward"]) for f in frames]))
+        assert_frames_match(np.asarray(ep.frames["cam0"]), [f["observation.image"] for f in frames], f"{version} {e}")
+        assert np.array_equal(ep.frames["cam0"], np.stack([expected_frame(f["observation.image"]) for f in frames]))  # PNG: lossless
+
+
+def test_success_from_the_last_frame_of_done_episodes(written, tmp_path, capsys):
+    root, _ = written[("single", "v3.0")]
+    assert import_main([str(root), "--out", str(tmp_path / "ds"), "--contract", str(contract_file(tmp_path)),
+                        "--camera", "cam0=observation.images.front", "--success-column", "next.done",
+                        "--no-progress"]) == 0, capsys.readouterr().err
+    r = ReplayReader(tmp_path / "ds")
+    assert [(ep.length, ep.entry.success, ep.entry.terminal) for ep in r] == [(T, True, True) for T in SINGLE_LENGTHS]
 
 
 def test_rerun_skips_and_a_crashed_run_resumes_to_the_same_dataset(written, tmp_path, monkeypatch, capsys):
