@@ -716,7 +716,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:  # DatasetError: already names the dataset
         print(f"lerobot_import: error: {e}", file=sys.stderr)
         return 1
-    print(format_report(reports, contract))
+    print(format_report(reports, contract, source="dataset"))
     if args.report_json is not None:
         tmp = args.report_json.with_name(f".{args.report_json.name}.tmp")
         tmp.write_text(report_json(reports))
