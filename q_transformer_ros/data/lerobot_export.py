@@ -373,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """``lerobot_export`` entry point; returns the exit status (0 ok, 1 error)."""
     args = build_parser().parse_args(argv)
+    os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1: errors only (it prints its whole configuration otherwise)
     try:
         cfg = ExportConfig(vcodec=args.vcodec, crf=args.crf, gop=args.gop, episodes_per_file=args.episodes_per_file,
                            robot_type=args.robot_type)
