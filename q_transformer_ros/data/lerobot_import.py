@@ -515,7 +515,7 @@ class DatasetImport:
             if b - a < cfg.min_steps:
                 self.dropped[f"episode shorter than --min-steps {cfg.min_steps}"] += b - a
                 continue
-            last = ri == len(runs) - 1 and b == keep
+            last = ri == len(runs) - 1  # as for bags: the last run carries the label
             success = bool(label.success) if last else False
             terminal = bool(last and label.verdict)
             if not terminal:

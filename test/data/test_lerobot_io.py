@@ -232,6 +232,39 @@ def test_success_from_the_last_frame_of_done_episodes(written, tmp_path, capsys)
     assert [(ep.length, ep.entry.success, ep.entry.terminal) for ep in r] == [(T, True, True) for T in SINGLE_LENGTHS]
 
 
+def test_dropped_rows_are_counted_with_their_reason(written, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root, spec = written[("single", "v3.0")]
+    broken = tmp_path / "broken"
+    shutil.copytree(root, broken)
+    data = broken / "data" / "chunk-000" / "file-000.parquet"
+    table = pq.read_table(data)
+    cols = table.to_pydict()
+    # episode 2 (rows 11..17): a NaN action at frame 1, a timestamp with no video frame near it at frame 3
+    cols["action"][11 + 1] = [float("nan"), 0.0, 0.0]
+    cols["timestamp"][11 + 3] += 0.05
+    pq.write_table(pa.table(cols, schema=table.schema), data)
+    report = tmp_path / "report.json"
+    assert import_main([str(broken), "--out", str(tmp_path / "ds"), "--contract", str(contract_file(tmp_path)),
+                        "--camera", "cam0=observation.images.front", "--min-steps", "2", "--report-json", str(report),
+                        "--no-progress"]) == 0, capsys.readouterr().err
+    rep = json.loads(report.read_text())[0]
+    assert rep["dropped"] == {
+        "after the success frame": 1,
+        "NaN/inf in the action": 1,
+        "no frame of video 'observation.images.front' within 0.0333 s of the row's timestamp": 1,
+        "episode shorter than --min-steps 2": 2,  # frame 0 and frame 2, each alone between dropped rows
+    }
+    r = ReplayReader(tmp_path / "ds")
+    lengths = [(ep.entry.metadata["episode_index"], ep.length, ep.entry.success, ep.entry.terminal) for ep in r]
+    # episode 2 keeps frame 2 alone (dropped: shorter than 2) and frames 4..6 (the success at 6)
+    assert lengths == [(0, 5, True, True), (1, 5, False, True), (2, 3, True, True)]
+    np.testing.assert_array_equal(r.episode(2).actions, np.stack([f["action"] for f in spec["episodes"][2]["frames"][4:]]))
+    assert rep["steps"] == 13
+
+
 def test_rerun_skips_and_a_crashed_run_resumes_to_the_same_dataset(written, tmp_path, monkeypatch, capsys):
     root, _ = written[("single", "v3.0")]
     contract = contract_file(tmp_path)
