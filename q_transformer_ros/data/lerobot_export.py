@@ -147,9 +147,8 @@ def _episode_stats(ep: StoredEpisode, rows: dict[str, np.ndarray], reader: Repla
     return stats
 
 
-def _aggregate(per_episode: list[dict[str, dict[str, np.ndarray]]], all_rows: dict[str, list[np.ndarray]],
-               all_frames: dict[str, list[np.ndarray]]) -> dict[str, dict[str, list]]:
-    """Dataset statistics (meta/stats.json) over all frames."""
+def _aggregate(all_rows: dict[str, list[np.ndarray]], all_frames: dict[str, list[np.ndarray]]) -> dict[str, dict[str, list]]:
+    """Dataset statistics (meta/stats.json): every row, and a subsample of at most ~20 frames per episode."""
     out: dict[str, dict[str, list]] = {}
     for k, parts in all_frames.items():
         s = _stats(np.concatenate(parts, axis=0), axis=(0, 2, 3))
@@ -312,7 +311,7 @@ def export_lerobot(dataset: str | Path, out: str | Path, cfg: ExportConfig = Exp
                 for k, v in (("episode_index", e), ("tasks", [task]), ("length", T), ("data/chunk_index", chunk),
                              ("data/file_index", file), ("dataset_from_index", index), ("dataset_to_index", index + T)):
                     episode_rows[k].append(v)
-                ep_stats.append(_episode_stats(ep, {k: v for k, v in rows.items()}, reader))
+                ep_stats.append(_episode_stats(ep, rows, reader))
                 index += T
                 report.episodes += 1
                 report.frames += T
@@ -333,7 +332,7 @@ def export_lerobot(dataset: str | Path, out: str | Path, cfg: ExportConfig = Exp
         _write_parquet(tmp / V30_EPISODES_PATH.format(chunk_index=0, file_index=0), ep_cols)
         tcols, tmeta = _tasks_table(tasks)
         _write_parquet(tmp / V30_TASKS_PATH, tcols, tmeta)
-        (tmp / "meta" / "stats.json").write_text(json.dumps(_aggregate(ep_stats, all_rows, all_frames), indent=1))
+        (tmp / "meta" / "stats.json").write_text(json.dumps(_aggregate(all_rows, all_frames), indent=1))
         info = {
             "codebase_version": V30, "robot_type": cfg.robot_type or c.name, "total_episodes": n,
             "total_frames": index, "total_tasks": len(tasks), "chunks_size": DEFAULT_CHUNK_SIZE,

@@ -32,7 +32,7 @@ import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -135,7 +135,7 @@ class LeRobotLayout:
         pq = _pyarrow()
         try:
             schema_names = pq.read_schema(ep.data_path).names
-        except (OSError, Exception) as e:  # pyarrow raises ArrowInvalid for a file that is not parquet
+        except Exception as e:  # OSError for a missing file, pyarrow's ArrowInvalid for one that is not parquet
             raise LeRobotFormatError(f"{ep.data_path}: cannot read parquet: {e}") from None
         missing = [c for c in columns if c not in schema_names]
         if missing:
@@ -359,8 +359,3 @@ class VideoFrames:
         err[err > self.tolerance_s] = np.inf
         return np.stack([images[i] for i in nearest]), err
 
-
-def iter_chunks(n: int, size: int) -> Iterator[range]:
-    """``range(0, n)`` in consecutive pieces of ``size``."""
-    for start in range(0, n, size):
-        yield range(start, min(n, start + size))
