@@ -268,6 +268,10 @@ class ImportConfig:
     """A video frame farther than this from a row's timestamp is missing (default: a third of a period)."""
     episodes_per_chunk: int = 50
     """LeRobot episodes per dataset transaction (each transaction is one chunk, all or nothing)."""
+    thin: bool = False
+    """A dataset recorded at an integer multiple of the contract's control rate: every n-th frame is a
+    step, its action the last one before the next step (the dataset's actions must be targets, not
+    per-frame deltas)."""
 
     def __post_init__(self) -> None:
         if self.unlabeled not in UNLABELED_CHOICES:
@@ -406,6 +410,31 @@ def _instruction_of(task_index: int, layout: LeRobotLayout, cfg: ImportConfig) -
     return cfg.contract.instruction.allow_none, None
 
 
+def frame_stride(fps: float, contract: RobotContract, thin: bool, where: str) -> int:
+    """Frames per step: 1 when the dataset's fps is the control rate; with ``--thin``, the integer ratio."""
+    ratio = fps / contract.control_rate_hz
+    if abs(ratio - 1) < 1e-6:
+        return 1
+    n = int(round(ratio))
+    integer = n > 1 and abs(ratio - n) < 1e-6
+    if thin and integer:
+        return n
+    hint = f"pass --thin to take 1 frame in {n} as a step, or " if integer and not thin else ""
+    raise LeRobotImportError(
+        f"{where}: 'fps' = {fps:g} but contract '{contract.name}' has control_rate_hz {contract.control_rate_hz:g}: "
+        f"{hint}set control_rate_hz: {fps:g} in the contract (each LeRobot frame is then one decision)")
+
+
+def task_runs(valid: np.ndarray, task_index: np.ndarray) -> list[tuple[int, int]]:
+    """Runs ``[a, b)`` of valid steps with one task each (a task change starts a new run)."""
+    runs = []
+    for a, b in valid_runs(valid):
+        cuts = np.flatnonzero(np.diff(task_index[a:b])) + a + 1
+        bounds = [a, *cuts.tolist(), b]
+        runs.extend(zip(bounds[:-1], bounds[1:]))
+    return runs
+
+
 class DatasetImport:
     """Turns the episodes of one LeRobot dataset into replay episodes, counting every dropped row."""
 
@@ -417,11 +446,7 @@ class DatasetImport:
         self.notes: Counter = Counter()
         self.known = known
         c = cfg.contract
-        if abs(self.layout.fps - c.control_rate_hz) > 1e-6:
-            raise LeRobotImportError(
-                f"{self.layout.where()}: 'fps' = {self.layout.fps:g} but contract '{c.name}' has control_rate_hz "
-                f"{c.control_rate_hz:g}: every LeRobot frame is one decision, so set control_rate_hz: "
-                f"{self.layout.fps:g} in the contract")
+        self.stride = frame_stride(self.layout.fps, c, cfg.thin, self.layout.where())
         self.rm = resolve_mapping(cfg.mapping, self.layout, c)
         state = cfg.mapping.state or ("observation.state" if "observation.state" in self.layout.features else None)
         if state is not None:
@@ -438,8 +463,6 @@ class DatasetImport:
                     f"pass --labels, --success/--failure, --success-column or --unlabeled failure|skip")
         self.identity = hashlib.sha256((self.layout.root / "meta" / "info.json").read_bytes()).hexdigest()[:16]
         self.report.identity = f"{self.layout.version}:{self.identity}"
-        self._errors: dict[str, list[float]] = {cam.name: [] for cam in c.cameras}
-        self._episodes: list[ImportedEpisode] = []
         self.skipped = 0
 
     def episodes(self) -> Iterator[list[ImportedEpisode]]:
@@ -454,7 +477,7 @@ class DatasetImport:
 
     def episode(self, ep: EpisodeRef) -> list[ImportedEpisode]:
         """One LeRobot episode -> replay episodes (none when already imported or every row dropped)."""
-        cfg, c, layout = self.cfg, self.cfg.contract, self.layout
+        cfg, layout = self.cfg, self.layout
         rows = episode_rows(layout, ep, self.rm)
         if f"{SOURCE_PREFIX}:{rows.identity}" in self.known:
             self.skipped += 1
@@ -471,71 +494,84 @@ class DatasetImport:
                 f"--success/--failure); pass --labels, --success/--failure or --unlabeled failure|skip")
         if keep < T:
             self.dropped["after the success frame"] += T - keep
-        valid = np.zeros(T, dtype=bool)
-        valid[:keep] = True
-        reasons = np.full(T, "", dtype=object)
-        bad = ~np.isfinite(rows.actions).all(axis=1) & valid
-        reasons[bad] = "NaN/inf in the action"
-        valid &= ~bad
-        usable = np.array([_instruction_of(t, layout, cfg)[0] for t in rows.task_index], dtype=bool)
-        reasons[~usable & valid] = "no task text, --instruction or fixed_text (and allow_none is false)"
-        valid &= usable
-        frames: dict[str, np.ndarray] = {}
-        errors: dict[str, np.ndarray] = {}
-        for cam in c.cameras:
-            key = self.rm.cameras[cam.name]
-            if cam.name in rows.images:
-                imgs = [None] * T
-                for t in np.flatnonzero(valid):
-                    imgs[t] = decode_image_cell(rows.images[cam.name][int(t)].as_py(), ep.data_path, key, int(t))
-                err = np.zeros(T)
-            else:
-                seg = ep.videos[key]
-                decoded, err = VideoFrames(cfg.tolerance_s).frames(seg, rows.timestamps, key)
-                imgs = list(decoded)
-                missing = ~np.isfinite(err) & valid
-                reasons[missing] = (f"no frame of video '{key}' within {cfg.tolerance_s:.3g} s of the row's timestamp")
-                valid &= ~missing
-            out = np.zeros((T, 3, cam.height, cam.width), dtype=np.uint8)
-            for t in np.flatnonzero(valid):
-                where = f"{layout.root}: feature '{key}' (camera '{cam.name}') episode {ep.index} frame {int(t)}"
-                out[t] = preprocess_frame(np.asarray(imgs[t]), "rgb8", cam, where)
-            frames[cam.name] = out
-            errors[cam.name] = err
-        for r in reasons[~valid & (np.arange(T) < keep)]:
+        steps, actions = self.step_rows(rows, keep)
+        valid, reasons = self.check_steps(rows, steps, actions)
+        frames, errors = self.camera_frames(ep, rows, steps, valid, reasons)
+        for r in reasons[~valid]:
             self.dropped[r] += 1
-        # runs of valid rows with one task each; only the last run carries the label
-        runs = []
-        for a, b in valid_runs(valid):
-            cuts = np.flatnonzero(np.diff(rows.task_index[a:b])) + a + 1
-            bounds = [a, *cuts.tolist(), b]
-            runs.extend(zip(bounds[:-1], bounds[1:]))
-        out_eps: list[ImportedEpisode] = []
+        runs = task_runs(valid, rows.task_index[steps])
+        out: list[ImportedEpisode] = []
         for ri, (a, b) in enumerate(runs):
             if b - a < cfg.min_steps:
                 self.dropped[f"episode shorter than --min-steps {cfg.min_steps}"] += b - a
                 continue
-            last = ri == len(runs) - 1  # as for bags: the last run carries the label
-            success = bool(label.success) if last else False
-            terminal = bool(last and label.verdict)
+            last = ri == len(runs) - 1  # as for bags: the last run carries the label, earlier ones are cuts
+            success, terminal = (bool(label.success), bool(label.verdict)) if last else (False, False)
             if not terminal:
                 self.notes["truncated episodes (their last step is an observation without a training sample)"] += 1
             if len(runs) > 1:
                 self.notes["episodes cut by a task change or dropped frames"] += 1
             rewards = None
             if rows.rewards is not None:
-                rewards = rows.rewards[a:b].astype(np.float32)
+                rewards = rows.rewards[steps[a:b]].astype(np.float32)
                 if (rewards < 0).any() or (rewards > 1).any():
                     self.notes["reward column values outside [0, 1] (Q is a sigmoid)"] += 1
-            out_eps.append(ImportedEpisode(
-                frames={k: v[a:b] for k, v in frames.items()}, actions=rows.actions[a:b].astype(np.float32),
-                success=success, terminal=terminal, instruction=_instruction_of(rows.task_index[a], layout, cfg)[1],
+            out.append(ImportedEpisode(
+                frames={k: v[a:b] for k, v in frames.items()}, actions=actions[a:b].astype(np.float32),
+                success=success, terminal=terminal,
+                instruction=_instruction_of(rows.task_index[steps[a]], layout, cfg)[1],
                 source_id=f"{SOURCE_PREFIX}:{rows.identity}:{ri}", rewards=rewards,
                 metadata={"lerobot_dataset": str(layout.root), "lerobot_version": layout.version,
-                          "episode_index": ep.index, "run": ri, "first_frame": a, "fps": layout.fps},
+                          "episode_index": ep.index, "run": ri, "first_frame": int(steps[a]),
+                          "frame_stride": self.stride, "fps": layout.fps},
                 frame_error_s={k: v[a:b] for k, v in errors.items()},
             ))
-        return out_eps
+        return out
+
+    def step_rows(self, rows: EpisodeRows, keep: int) -> tuple[np.ndarray, np.ndarray]:
+        """(row of each step, float64 (K, D) action of each step) among the first ``keep`` rows.
+
+        Stride 1: every row is a step with its own action. Stride n (``--thin``): rows 0, n, 2n, ... are
+        the decision moments and a step's action is the last command before the next one (row
+        ``k*n + n - 1``), the bag converter's rule for commands faster than the control rate."""
+        n = self.stride
+        steps = np.arange(0, keep, n, dtype=np.int64)
+        if n > 1:
+            self.dropped[f"thinned to the contract's control rate (1 frame in {n} is a step)"] += keep - len(steps)
+        return steps, rows.actions[np.minimum(steps + n - 1, keep - 1)]
+
+    def check_steps(self, rows: EpisodeRows, steps: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(valid, reason) per step: finite actions and an instruction."""
+        valid = np.isfinite(actions).all(axis=1)
+        reasons = np.where(valid, "", "NaN/inf in the action").astype(object)
+        usable = np.array([_instruction_of(t, self.layout, self.cfg)[0] for t in rows.task_index[steps]], dtype=bool)
+        reasons[~usable & valid] = "no task text, --instruction or fixed_text (and allow_none is false)"
+        return valid & usable, reasons
+
+    def camera_frames(self, ep: EpisodeRef, rows: EpisodeRows, steps: np.ndarray, valid: np.ndarray,
+                      reasons: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Each camera's uint8 (K, 3, H, W) frames of the steps (``preprocess_frame``) and the video time
+        error per step; a step without a video frame near its timestamp becomes invalid (in place)."""
+        cfg = self.cfg
+        frames, errors = {}, {}
+        for cam in cfg.contract.cameras:
+            key = self.rm.cameras[cam.name]
+            if cam.name in rows.images:  # image column: decode only the kept steps' cells
+                images = {int(k): decode_image_cell(rows.images[cam.name][int(steps[k])].as_py(), ep.data_path, key,
+                                                    int(steps[k])) for k in np.flatnonzero(valid)}
+                err = np.zeros(len(steps))
+            else:
+                decoded, err = VideoFrames(cfg.tolerance_s).frames(ep.videos[key], rows.timestamps[steps], key)
+                images = dict(enumerate(decoded))
+                missing = ~np.isfinite(err) & valid
+                reasons[missing] = f"no frame of video '{key}' within {cfg.tolerance_s:.3g} s of the row's timestamp"
+                valid &= ~missing
+            out = np.zeros((len(steps), 3, cam.height, cam.width), dtype=np.uint8)
+            for k in np.flatnonzero(valid):
+                where = f"{self.layout.root}: feature '{key}' (camera '{cam.name}') episode {ep.index} frame {int(steps[k])}"
+                out[k] = preprocess_frame(np.asarray(images[int(k)]), "rgb8", cam, where)
+            frames[cam.name], errors[cam.name] = out, err
+        return frames, errors
 
     def finish(self, episodes: Sequence[ImportedEpisode], status: str | None = None) -> BagReport:
         """Fill the report (the bag converter's fields) from the episodes written."""
@@ -666,6 +702,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frame-tolerance", type=float, default=None,
                    help="seconds; a video frame farther from a row's timestamp is missing (default: period / 3)")
     p.add_argument("--episodes-per-chunk", type=int, default=50, help="LeRobot episodes per dataset transaction")
+    p.add_argument("--thin", action="store_true",
+                   help="fps an integer multiple n of the control rate: 1 frame in n is a step (the actions must be targets)")
     p.add_argument("--on-error", choices=ON_ERROR_CHOICES, default="abort",
                    help="abort (default) or skip bad datasets and report them")
     p.add_argument("--report-json", type=Path, help="also write the report as JSON here")
@@ -707,6 +745,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             contract=contract, mapping=mapping_from_args(args), instruction=args.instruction, success=args.success,
             labels=load_labels(args.labels) if args.labels is not None else None, unlabeled=args.unlabeled,
             min_steps=args.min_steps, frame_tolerance_s=args.frame_tolerance, episodes_per_chunk=args.episodes_per_chunk,
+            thin=args.thin,
         )
         reports = run_import(args.inputs, args.out, cfg, on_error=args.on_error, progress=not args.no_progress)
     except (LeRobotImportError, LeRobotFormatError, LabelsError, ContractError, ImageError) as e:

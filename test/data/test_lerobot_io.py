@@ -265,6 +265,31 @@ def test_dropped_rows_are_counted_with_their_reason(written, tmp_path, capsys):
     assert rep["steps"] == 13
 
 
+def test_a_faster_dataset_is_thinned_to_the_control_rate(tmp_path, capsys):
+    """20 fps data, a 10 Hz contract: with --thin, frames 0, 2, 4, ... are the steps and each step's action
+    is the last one before the next step (the converter's rule for commands faster than the control rate)."""
+    rng = np.random.default_rng(4)
+    T = 9
+    imgs, acts = smooth_frames(T, H, W, seed=40), rng.uniform(-0.9, 0.9, (T, 3)).astype(np.float32)
+    spec = {"root": str(tmp_path / "fast"), "fps": 20, "features": {"observation.images.front": video(),
+                                                                    "action": vec(3), "next.success": FLAG},
+            "episodes": [{"task": "wave", "frames": [{"observation.images.front": imgs[t], "action": acts[t],
+                                                      "next.success": np.array([t == T - 1])} for t in range(T)]}]}
+    write_with_lerobot(spec)
+    args = [spec["root"], "--out", str(tmp_path / "ds"), "--contract", str(contract_file(tmp_path)),
+            "--camera", "cam0=observation.images.front", "--report-json", str(tmp_path / "r.json"), "--no-progress"]
+    assert import_main(args) == 1
+    assert "'fps' = 20" in (err := capsys.readouterr().err) and "--thin" in err
+    assert import_main(args + ["--thin"]) == 0, capsys.readouterr().err
+    ep = ReplayReader(tmp_path / "ds").episode(0)
+    steps = [0, 2, 4, 6, 8]
+    np.testing.assert_array_equal(ep.actions, acts[[1, 3, 5, 7, 8]])
+    assert_frames_match(np.asarray(ep.frames["cam0"]), [imgs[t] for t in steps], "thinned")
+    assert (ep.entry.success, ep.entry.terminal, ep.entry.metadata["frame_stride"]) == (True, True, 2)
+    rep = json.loads((tmp_path / "r.json").read_text())[0]
+    assert rep["dropped"] == {"thinned to the contract's control rate (1 frame in 2 is a step)": 4}
+
+
 def test_rerun_skips_and_a_crashed_run_resumes_to_the_same_dataset(written, tmp_path, monkeypatch, capsys):
     root, _ = written[("single", "v3.0")]
     contract = contract_file(tmp_path)
