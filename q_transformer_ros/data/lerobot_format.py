@@ -291,7 +291,8 @@ def _open_v30(root: Path, info: dict[str, Any], features: dict[str, Any]) -> tup
     video_keys = [k for k, f in features.items() if f.get("dtype") == "video"]
     episodes = []
     for f in ep_files:
-        rows = pq.read_table(f).to_pylist()
+        names = [n for n in pq.read_schema(f).names if not n.startswith("stats/")]  # per-episode stats: not needed
+        rows = pq.read_table(f, columns=names).to_pylist()
         for r in rows:
             w = f"{f} (episode row {r.get('episode_index')})"
             idx = int(_need(r, "episode_index", w))
