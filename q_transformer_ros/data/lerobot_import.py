@@ -438,13 +438,15 @@ def task_runs(valid: np.ndarray, task_index: np.ndarray) -> list[tuple[int, int]
 class DatasetImport:
     """Turns the episodes of one LeRobot dataset into replay episodes, counting every dropped row."""
 
-    def __init__(self, path: str | Path, cfg: ImportConfig, known: frozenset[str] = frozenset()):
+    def __init__(self, path: str | Path, cfg: ImportConfig, known: set[str] | frozenset[str] = frozenset()):
         self.cfg = cfg
         self.layout = open_lerobot(path)
         self.report = BagReport(bag=str(self.layout.root))
         self.dropped: Counter = Counter()
         self.notes: Counter = Counter()
         self.known = known
+        """``lerobot:<content hash>`` of the episodes already in the output dataset (updated by the caller
+        as groups commit, so an episode seen in an earlier input of the same run is skipped too)."""
         c = cfg.contract
         self.stride = frame_stride(self.layout.fps, c, cfg.thin, self.layout.where())
         self.rm = resolve_mapping(cfg.mapping, self.layout, c)
@@ -464,6 +466,9 @@ class DatasetImport:
         self.identity = hashlib.sha256((self.layout.root / "meta" / "info.json").read_bytes()).hexdigest()[:16]
         self.report.identity = f"{self.layout.version}:{self.identity}"
         self.skipped = 0
+        """LeRobot episodes skipped because their content is already in the dataset."""
+        self.skipped_runs = 0
+        """Episodes the writer skipped (a source_id it already had)."""
 
     def episodes(self) -> Iterator[list[ImportedEpisode]]:
         """Yield the replay episodes of each group of ``episodes_per_chunk`` LeRobot episodes."""
@@ -583,6 +588,8 @@ class DatasetImport:
         r.notes = {k: int(v) for k, v in self.notes.items() if v}
         if self.skipped:
             r.notes["LeRobot episodes already in the dataset (skipped)"] = self.skipped
+        if self.skipped_runs:
+            r.notes["episodes already in the dataset (skipped by the writer)"] = self.skipped_runs
         for cam in c.cameras:
             errs = np.concatenate([e.frame_error_s[cam.name] for e in episodes]) if episodes else np.zeros(0)
             r.frame_age_p50_s[cam.name] = float(np.percentile(errs, 50)) if len(errs) else None
@@ -629,7 +636,7 @@ def run_import(inputs: Sequence[str | Path], out: str | Path, cfg: ImportConfig,
     reports: list[BagReport] = []
     try:
         with ReplayWriter(out, cfg.contract, create_ok=True) as writer:
-            known = frozenset(s.rsplit(":", 1)[0] for s in writer.manifest.source_ids() if s.startswith(SOURCE_PREFIX))
+            known = {s.rsplit(":", 1)[0] for s in writer.manifest.source_ids() if s.startswith(SOURCE_PREFIX)}
             for path in inputs:
                 written: list[ImportedEpisode] = []
                 try:
@@ -639,12 +646,13 @@ def run_import(inputs: Sequence[str | Path], out: str | Path, cfg: ImportConfig,
                     for group in job.episodes():
                         if group:
                             with writer.transaction() as tx:  # a group: all or nothing
-                                for ep in group:
-                                    tx.add_episode(EpisodeData(
-                                        frames=ep.frames, actions=ep.actions, success=ep.success, terminal=ep.terminal,
-                                        instruction=ep.instruction, source_id=ep.source_id, rewards=ep.rewards,
-                                        metadata=ep.metadata))
-                            written.extend(group)
+                                added = [tx.add_episode(EpisodeData(
+                                    frames=ep.frames, actions=ep.actions, success=ep.success, terminal=ep.terminal,
+                                    instruction=ep.instruction, source_id=ep.source_id, rewards=ep.rewards,
+                                    metadata=ep.metadata)) for ep in group]
+                            written.extend(ep for ep, ok in zip(group, added) if ok)
+                            job.skipped_runs += added.count(False)
+                            known.update(ep.source_id.rsplit(":", 1)[0] for ep in group)
                         bar.update(min(cfg.episodes_per_chunk, bar.total - bar.n))
                     bar.close()
                     reports.append(job.finish(written))

@@ -304,6 +304,16 @@ def test_rerun_skips_and_a_crashed_run_resumes_to_the_same_dataset(written, tmp_
     assert rep["status"] == "already in dataset" and rep["steps"] == 0
     assert rep["notes"]["LeRobot episodes already in the dataset (skipped)"] == 3
 
+    # the same episodes in another folder (here: written by the v2.1 writer) are recognised by content,
+    # also within one run
+    both = tmp_path / "both.json"
+    assert import_main([str(root), str(written[("single", "v2.1")][0]), "--out", str(tmp_path / "both"),
+                        "--report-json", str(both), *base[1:]]) == 0
+    assert len(ReplayReader(tmp_path / "both").manifest.episodes) == 3
+    reps = json.loads(both.read_text())
+    assert [(r["status"], r["episodes"]) for r in reps] == [("converted", 3), ("already in dataset", 0)]
+    assert reps[1]["notes"]["LeRobot episodes already in the dataset (skipped)"] == 3
+
     real = lerobot_import.DatasetImport.episode
 
     def crash_on_third(self, ep):
