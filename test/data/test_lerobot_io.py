@@ -409,7 +409,7 @@ def test_export_opens_in_lerobot_and_round_trips(tmp_path, capsys):
 
     ours = our_dataset(tmp_path / "ours")
     lr = tmp_path / "lerobot"
-    assert export_main([str(ours), "--out", str(lr)]) == 0, capsys.readouterr().err
+    assert export_main([str(ours), "--out", str(lr), "--episodes-per-file", "2"]) == 0, capsys.readouterr().err
     assert export_main([str(ours), "--out", str(lr)]) == 1
     assert "already exists" in capsys.readouterr().err
     # LeRobot's own reader opens it: metadata, tasks, per-frame tables, videos
@@ -421,6 +421,8 @@ def test_export_opens_in_lerobot_and_round_trips(tmp_path, capsys):
     np.testing.assert_array_equal(np.stack([np.asarray(a) for a in ds.hf_dataset["action"]]),
                                   np.concatenate([e.actions for e in src]))
     assert ds.meta.episodes[1]["dataset_from_index"] == 6 and ds.meta.episodes[2]["tasks"] == [""]
+    assert [ds.meta.episodes[i]["data/file_index"] for i in range(3)] == [0, 0, 1]  # two episodes per file
+    assert ds.meta.episodes[2]["videos/observation.images.cam0/from_timestamp"] == 0.0
     for cam in ("cam0", "cam1"):
         vinfo = get_video_info(lr / ds.meta.get_video_file_path(0, f"observation.images.{cam}"))
         assert vinfo["video.codec"] == "av1" and vinfo["video.fps"] == 10 and vinfo["video.height"] == 32
