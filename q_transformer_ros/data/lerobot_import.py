@@ -9,9 +9,10 @@ rewards come from. Per dataset:
 2. per episode, ``episode_rows`` reads the needed columns, ``episode_label`` decides success the same
    way the bag converter does (labels file > --success/--failure > success column > --unlabeled; a
    verdict is terminal, ``convert.Label``) and cuts the rows after the first success;
-3. ``build_runs`` drops invalid rows (NaN actions, no video frame at the row's timestamp), splits at
-   task changes and gaps, and turns runs into episodes; frames go through ``data.image.preprocess_frame``,
-   the one preprocessing path of the converter and the policy node;
+3. ``DatasetImport.step_rows`` picks the steps (every row, or 1 in n with ``--thin``), ``check_steps``
+   and ``camera_frames`` drop invalid ones with their reason (NaN action, no instruction, no video frame
+   at the row's timestamp), ``task_runs`` splits at task changes and gaps; frames go through
+   ``data.image.preprocess_frame``, the one preprocessing path of the converter and the policy node;
 4. episodes are written in transactions of ``--episodes-per-chunk`` LeRobot episodes; episode ids are
    ``lerobot:<content hash>:<run>``, so a re-run (after a kill, or on a copied folder) skips what is
    already in the dataset without decoding videos.
