@@ -58,6 +58,7 @@ setup(
         "matplotlib",
         "rosbags>=0.10",
         "rosbags-image>=0.10",
+        "tensorboard",
     ],
     extras_require={"sim": ["metaworld==3.1.1", "imageio"], "test": ["pytest", "pytest-timeout"],
                     "serve": ["onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18"],

@@ -55,6 +55,11 @@ VARIANTS = {
     "BC": ["--objective", "bc"],
     "QT-no_conservative": ["--objective", "q_learning", "--set", "learner.conservative_weight=0"],
     "QT-no_mc_bound": ["--objective", "q_learning", "--set", "learner.mc_lower_bound=false"],
+    "QT-td_bce": ["--objective", "q_learning", "--set", "learner.td_loss=bce"],
+    "QT-n_step_5": ["--objective", "q_learning", "--n-step", "5"],
+    "QT-hl_gauss": ["--objective", "q_learning", "--set", "learner.td_loss=hl_gauss",
+                    "--set", "model_overrides.value_bins=51"],
+    "QT-bc_aux": ["--objective", "q_learning", "--set", "learner.bc_weight=0.1"],
 }
 
 
@@ -64,12 +69,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--episodes-per-task", type=int, default=20, help="recorded episodes per task")
     p.add_argument("--noise-levels", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0],
                    help="expert noise std per episode, in turn")
+    p.add_argument("--operators", nargs="+", default=["expert"], choices=("expert", "wrong_target", "stop_short",
+                                                                            "release_early"),
+                   help="operator style per episode, in turn (sim/operators.py: deliberate mistakes); e.g. "
+                        "expert expert wrong_target stop_short release_early")
     p.add_argument("--max-episode-steps", type=int, default=120)
     p.add_argument("--train-steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--model-preset", default="tiny", choices=("tiny", "small", "base"))
     p.add_argument("--eval-episodes", type=int, default=10, help="closed-loop episodes per task (held-out seeds)")
-    p.add_argument("--ablations", nargs="*", default=[], choices=("no_conservative", "no_mc_bound"))
+    p.add_argument("--ablations", nargs="*", default=[], choices=("no_conservative", "no_mc_bound", "td_bce", "n_step_5", "hl_gauss", "bc_aux"),
+                   help="Q-Transformer variants next to QT: conservative weight 0, no MC lower bound, BCE instead "
+                        "of MSE on the taken bin's Q, 5-step returns, HL-Gauss value classification (51 value bins), an auxiliary cloning term (weight 0.1)")
     p.add_argument("--no-bc", action="store_true", help="train and evaluate the Q-Transformer variants only")
     p.add_argument("--augment-shift-px", type=int, default=0,
                    help="DrQ random-shift augmentation in training, pixels (0 = off), for every variant")
@@ -100,7 +111,7 @@ def collect(args: argparse.Namespace, contract, dataset: Path) -> list[EpisodeRe
 
     log = dataset.parent / "data_episodes.jsonl"
     key = json.dumps([args.tasks, args.episodes_per_task, args.noise_levels, args.max_episode_steps, contract.fingerprint(),
-                      args.failures])
+                      args.failures] + ([args.operators] if args.operators != ["expert"] else []))
     if (dataset / "manifest.json").exists() and (dataset.parent / "data_key.json").exists() \
             and (dataset.parent / "data_key.json").read_text() == key:
         return read_records(log)
@@ -115,14 +126,18 @@ def collect(args: argparse.Namespace, contract, dataset: Path) -> list[EpisodeRe
         for k, task in enumerate(args.tasks):
             for i in range(args.episodes_per_task):
                 seed = i * n + k  # MetaWorldEnvironment runs task seed % n
-                noise = args.noise_levels[i % len(args.noise_levels)]
+                style = args.operators[i % len(args.operators)]
+                noise = args.noise_levels[(i // len(args.operators)) % len(args.noise_levels)]
                 instruction, obs = env.reset(seed)
-                frames = {cam: [] for cam in obs}
+                frames = {cam: [] for cam in obs.frames}
+                states: list[np.ndarray] = []
                 actions, success = [], False
                 while True:
-                    for cam, f in obs.items():
+                    for cam, f in obs.frames.items():
                         frames[cam].append(f)
-                    action = env.expert_action(noise)
+                    if obs.state is not None:
+                        states.append(obs.state)
+                    action = env.expert_action(noise, style)
                     actions.append(action)
                     obs, _r, terminated, truncated, info = env.step(action)
                     success = bool(info["success"])
@@ -131,8 +146,10 @@ def collect(args: argparse.Namespace, contract, dataset: Path) -> list[EpisodeRe
                 writer.add_episode(EpisodeData(
                     frames={c: np.stack(v) for c, v in frames.items()}, actions=np.stack(actions).astype(np.float32),
                     success=success, terminal=success or args.failures == "terminal", instruction=instruction,
-                    source_id=f"bench:{task}:seed{seed}:noise{noise:g}"))
-                records.append(EpisodeRecord(task=task, seed=seed, success=success, steps=len(actions), noise=noise))
+                    state=np.stack(states) if states else None,
+                    source_id=f"bench:{task}:seed{seed}:noise{noise:g}" + ("" if style == "expert" else f":{style}")))
+                records.append(EpisodeRecord(task=task, seed=seed, success=success, steps=len(actions), noise=noise,
+                                             source=style))
                 bar.set_postfix(task=task, success=f"{sum(r.success for r in records)}/{len(records)}")
                 bar.update(1)
     finally:
@@ -193,7 +210,7 @@ def evaluate(args: argparse.Namespace, name: str, ckpt: Path, contract, out: Pat
                 policy.reset(instruction)
                 values, success, steps = [], False, 0
                 while True:
-                    policy.push_frames(obs)
+                    policy.push(obs)
                     d = policy.decide()
                     values.append(round(float(d.value), 5))
                     obs, _r, terminated, truncated, info = env.step(np.asarray(d.action, dtype=np.float32))
@@ -225,7 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         contract_path = DemoConfig(out=out, contract=contract_path, image_size=args.image_size).run_contract()
     contract = load_contract(contract_path)
     key = json.dumps({k: v for k, v in vars(args).items()
-                      if k not in ("force", "eval_episodes", "ablations", "out", "no_bc")})
+                      if k not in ("force", "eval_episodes", "ablations", "out", "no_bc")
+                      and not (k == "operators" and v == ["expert"])})
     if (out / "run_key.json").exists() and (out / "run_key.json").read_text() != key:
         for variant in VARIANTS:  # other knobs: models and evaluations are stale (the data cache checks itself)
             shutil.rmtree(out / variant, ignore_errors=True)

@@ -33,6 +33,10 @@ ACTION_MSG_TYPES = (
     "geometry_msgs/msg/PoseStamped",
 )
 INSTRUCTION_MSG_TYPES = ("std_msgs/msg/String",)
+STATE_NORMALIZED_LIMIT = 3.0
+"""Normalised state values are clipped to +-this (a reading far outside its declared range must not
+drive the network far outside anything it was trained on)."""
+_MSG_TYPE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*/msg/[A-Z][A-Za-z0-9_]*$")
 SUCCESS_MSG_TYPES = ("std_msgs/msg/Bool",)
 
 _FIELD_PATH_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\[\d+\])?(\.[A-Za-z_][A-Za-z0-9_]*(\[\d+\])?)*$")
@@ -109,6 +113,25 @@ class ActionDimSpec:
 
 
 @dataclass(frozen=True)
+class StateInputSpec:
+    """One number of robot state the policy sees next to its cameras (LeRobot's ``observation.state``):
+    a joint position, velocity or effort by joint name, a gripper opening, an end-effector coordinate;
+    any numeric field of any message (``pose.position.x`` of a PoseStamped, ``data[2]`` of a
+    Float64MultiArray, ``position`` of a JointState with ``joint: elbow``).
+
+    The converter samples it at each step's decision moment (newest message at or before it, stale
+    after ``max_frame_age_s``, like a frame), datasets store the raw value (float32), and the model
+    sees it normalised by ``low``/``high`` to [-1, 1] (clipped at +-``STATE_NORMALIZED_LIMIT``). The
+    checkpoint's contract carries the range, so the node normalises exactly as training did."""
+
+    name: str
+    source: FieldRef
+    low: float
+    high: float
+    """The range mapped to [-1, 1]: the robot's limits, or the data's observed range."""
+
+
+@dataclass(frozen=True)
 class InstructionSpec:
     """Where the language instruction comes from."""
 
@@ -150,6 +173,8 @@ class RobotContract:
     """Frames older than this at a step are stale: the converter drops the step, the node stops."""
     stop_behaviour: Literal["zero", "hold"] = "zero"
     """What the node publishes on stale input: zero command (velocity robots) or hold (no message)."""
+    state_inputs: tuple[StateInputSpec, ...] = ()
+    """Robot-state numbers the model sees at every step besides the frames (empty: cameras only)."""
 
     def __post_init__(self) -> None:
         validate_contract(self)
@@ -174,6 +199,29 @@ class RobotContract:
     @property
     def control_period_s(self) -> float:
         return 1.0 / self.control_rate_hz
+
+    @property
+    def state_dim(self) -> int:
+        return len(self.state_inputs)
+
+    @property
+    def state_low(self) -> np.ndarray:
+        return np.array([s.low for s in self.state_inputs], dtype=np.float32)
+
+    @property
+    def state_high(self) -> np.ndarray:
+        return np.array([s.high for s in self.state_inputs], dtype=np.float32)
+
+    def normalize_state(self, values: np.ndarray) -> np.ndarray:
+        """Raw state ``(..., S)`` in the sources' units -> float32 in [-1, 1] over each input's range
+        (clipped at +-STATE_NORMALIZED_LIMIT). Used by the dataset reader and the live policy alike."""
+        values = np.asarray(values, dtype=np.float32)
+        if values.shape[-1:] != (self.state_dim,):
+            raise ValueError(f"state has shape {values.shape}, contract '{self.name}' declares {self.state_dim} "
+                             f"state inputs {[s.name for s in self.state_inputs]}")
+        low, high = self.state_low, self.state_high
+        out = (values - low) / (high - low) * 2.0 - 1.0
+        return np.clip(out, -STATE_NORMALIZED_LIMIT, STATE_NORMALIZED_LIMIT).astype(np.float32)
 
     def camera(self, name: str) -> CameraSpec:
         for cam in self.cameras:
@@ -210,6 +258,8 @@ class RobotContract:
     # -- serialization --------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        if not d["state_inputs"]:  # contracts without state keep the dict (and fingerprint) they always had
+            del d["state_inputs"]
         d["format_version"] = CONTRACT_FORMAT_VERSION
         return d
 
@@ -246,6 +296,9 @@ class RobotContract:
             for a, b in zip(other.action_dims, self.action_dims):
                 if (a.low, a.high, a.bins) != (b.low, b.high, b.bins):
                     problems.append(f"action dim '{a.name}' range/bins differ: {(a.low, a.high, a.bins)} vs {(b.low, b.high, b.bins)}")
+        if [s.name for s in self.state_inputs] != [s.name for s in other.state_inputs]:
+            problems.append(f"state inputs differ: {[s.name for s in other.state_inputs]} vs "
+                            f"{[s.name for s in self.state_inputs]}")
         if self.frame_history != other.frame_history and not allow_rebin:
             problems.append(f"frame_history differs: {other.frame_history} vs {self.frame_history}")
         if problems:
@@ -306,6 +359,22 @@ def parse_contract(data: Mapping[str, Any], where: str = "<contract>") -> RobotC
         dk["low"], dk["high"] = float(dk["low"]), float(dk["high"])
         parsed.append(ActionDimSpec(**dk))
     kw["action_dims"] = tuple(parsed)
+    states = kw.get("state_inputs") or ()
+    if not isinstance(states, (list, tuple)):
+        raise _fail(where, "state_inputs", states, "expected a list of state inputs (name, source, low, high)")
+    parsed_states = []
+    for i, s in enumerate(states):
+        sk = _take(StateInputSpec, s, where, f"state_inputs[{i}]")
+        for req in ("name", "source", "low", "high"):
+            if req not in sk:
+                raise _fail(where, f"state_inputs[{i}].{req}", None, "missing")
+        sk["source"] = _field_ref(sk["source"], where, f"state_inputs[{i}].source")
+        try:
+            sk["low"], sk["high"] = float(sk["low"]), float(sk["high"])
+        except (TypeError, ValueError):
+            raise _fail(where, f"state_inputs[{i}].low/high", (sk["low"], sk["high"]), "must be numbers") from None
+        parsed_states.append(StateInputSpec(**sk))
+    kw["state_inputs"] = tuple(parsed_states)
     if "instruction" in kw:
         kw["instruction"] = InstructionSpec(**_take(InstructionSpec, kw["instruction"] or {}, where, "instruction"))
     if "success" in kw:
@@ -362,6 +431,25 @@ def validate_contract(c: RobotContract, where: str = "<contract>") -> None:
                 raise _fail(where, f"{k}.{side}.field", ref.field, "not a field path like 'twist.linear.x' or 'data[3]'")
             if ref.joint is not None and ref.msg_type not in ("sensor_msgs/msg/JointState", "trajectory_msgs/msg/JointTrajectory"):
                 raise _fail(where, f"{k}.{side}.joint", ref.joint, "joint names apply to JointState / JointTrajectory only")
+    state_names = set()
+    for i, s in enumerate(c.state_inputs):
+        k = f"state_inputs[{i}]"
+        if not isinstance(s.name, str) or not s.name:
+            raise _fail(where, f"{k}.name", s.name, "must be a non-empty string")
+        if s.name in state_names:
+            raise _fail(where, f"{k}.name", s.name, "duplicate state input name")
+        state_names.add(s.name)
+        if not (math.isfinite(s.low) and math.isfinite(s.high) and s.low < s.high):
+            raise _fail(where, f"{k}.low/high", (s.low, s.high), "need finite low < high")
+        ref = s.source
+        if not isinstance(ref.topic, str) or not _TOPIC_RE.match(ref.topic):
+            raise _fail(where, f"{k}.source.topic", ref.topic, "not a valid ROS topic name")
+        if not isinstance(ref.msg_type, str) or not _MSG_TYPE_RE.match(ref.msg_type):
+            raise _fail(where, f"{k}.source.msg_type", ref.msg_type, "not a message type like 'sensor_msgs/msg/JointState'")
+        if not isinstance(ref.field, str) or not _FIELD_PATH_RE.match(ref.field):
+            raise _fail(where, f"{k}.source.field", ref.field, "not a field path like 'pose.position.x' or 'data[3]'")
+        if ref.joint is not None and ref.msg_type not in ("sensor_msgs/msg/JointState", "trajectory_msgs/msg/JointTrajectory"):
+            raise _fail(where, f"{k}.source.joint", ref.joint, "joint names apply to JointState / JointTrajectory only")
     if not isinstance(c.frame_history, int) or isinstance(c.frame_history, bool) or not 1 <= c.frame_history <= 64:
         raise _fail(where, "frame_history", c.frame_history, "must be an integer in [1, 64]")
     if not (isinstance(c.control_rate_hz, (int, float)) and 0 < c.control_rate_hz <= 1000):

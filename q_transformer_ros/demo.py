@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", nargs="+", help="Meta-World tasks (default: drawer-open-v3 button-press-topdown-v3 drawer-close-v3)")
     p.add_argument("--episodes-per-task", type=int, help="recorded episodes per task")
     p.add_argument("--noise-levels", type=float, nargs="+", help="expert noise std per episode, in turn")
+    p.add_argument("--operators", nargs="+", choices=("expert", "wrong_target", "stop_short", "release_early"),
+                   help="operator style per episode, in turn: the expert or a deliberate mistake (sim/operators.py)")
     p.add_argument("--max-episode-steps", type=int, help="control steps per episode before it counts as failed")
     p.add_argument("--train-steps", type=int, help="optimizer steps of training")
     p.add_argument("--batch-size", type=int, help="training batch size")
@@ -42,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objective", choices=("q_learning", "bc"), help="q_learning (Q-Transformer) or bc")
     p.add_argument("--text-encoder-weights", help="local open_clip weights file for the instruction encoder")
     p.add_argument("--eval-episodes", type=int, help="closed-loop episodes per task (held-out seeds)")
+    p.add_argument("--no-bc", action="store_true", help="do not train and run the behaviour-cloning baseline")
     p.add_argument("--contract", help="robot contract YAML (default: config/contract_ee_arm.yaml)")
     p.add_argument("--image-size", type=int, help="camera size for the run (default 32; 0 = the contract's own)")
     p.add_argument("--domain-id", type=int, help="ROS_DOMAIN_ID for all nodes (default: 100 + pid %% 100)")
@@ -60,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> DemoConfig:
     fields = {
         "out": args.out, "tasks": args.tasks, "episodes_per_task": args.episodes_per_task,
-        "noise_levels": args.noise_levels, "max_episode_steps": args.max_episode_steps,
+        "noise_levels": args.noise_levels, "operators": args.operators, "max_episode_steps": args.max_episode_steps,
         "train_steps": args.train_steps, "batch_size": args.batch_size, "model_preset": args.model_preset,
         "objective": args.objective, "text_encoder_weights": args.text_encoder_weights,
         "eval_episodes": args.eval_episodes, "contract": args.contract, "domain_id": args.domain_id,
@@ -70,6 +73,8 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
     if args.image_size is not None:
         given["image_size"] = args.image_size or None
     given["progress"] = not args.no_progress
+    if args.no_bc:
+        given["compare_bc"] = False
     return DemoConfig.quick(**given) if args.quick else DemoConfig(**given)
 
 

@@ -79,7 +79,7 @@ def describe(proc: subprocess.CompletedProcess[str]) -> str:
 
 def test_core_and_data_import_without_ros(tmp_path: Path, venv_python: Path) -> None:
     """Every module under core/, data/ and control/ imports with rclpy and all ROS message packages blocked."""
-    modules = source_modules("core", "data", "control", "replay") + ["q_transformer_ros.contract"]
+    modules = source_modules("core", "data", "control", "replay") + ["q_transformer_ros.contract", "q_transformer_ros.observation"]
     assert "q_transformer_ros.replay.writer" in modules, f"walk of {PACKAGE_DIR} found {modules}"
     script = BLOCK_ROS + textwrap.dedent(f"""
         import importlib, json, traceback
@@ -109,10 +109,11 @@ def test_core_and_data_import_without_ros(tmp_path: Path, venv_python: Path) -> 
 LAYER_MAY_IMPORT = {
     "contract": set(),
     "config_io": set(),
+    "observation": {"contract"},
     "replay": {"contract"},
-    "data": {"contract", "replay", "config_io"},
-    "core": {"contract", "replay", "config_io"},
-    "control": {"contract", "replay", "core", "data"},  # data.sync: the one pairing rule, live side
+    "data": {"contract", "observation", "replay", "config_io"},
+    "core": {"contract", "observation", "replay", "config_io"},
+    "control": {"contract", "observation", "replay", "core", "data"},  # data.sync: the one pairing rule, live side
 }
 
 

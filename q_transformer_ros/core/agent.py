@@ -6,8 +6,9 @@ epsilon-greedy over a random subset of action dims plus optional Gumbel sampling
 per-dim Q-values with an annealed temperature, and episodes are appended with ``ReplayWriter``
 (atomic, skipping episodes already collected with the same env seed).
 
-The policy is duck-typed (``core.policy.QTransformerPolicy`` fits): ``reset(instruction)``,
-``push_frames({camera: uint8 (3, H, W)})``, ``decide()`` returning an object with ``.bins`` (D,) int64
+Environments return ``observation.Observation`` values (a frame per camera, the state inputs the
+contract declares). The policy is duck-typed (``core.policy.QTransformerPolicy`` fits):
+``reset(instruction)``, ``push(observation)``, ``decide()`` returning an object with ``.bins`` (D,) int64
 and optionally ``.all_q`` (D, A). ``policy=None`` acts uniformly at random (usable before a model
 exists). No torch import here.
 """
@@ -22,11 +23,9 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from q_transformer_ros.replay.writer import EpisodeData, ReplayWriter
 from q_transformer_ros.contract import RobotContract
-
-Observation = dict[str, np.ndarray]
-"""Camera name -> uint8 (3, H, W) RGB frame at the contract's size."""
+from q_transformer_ros.observation import Observation
+from q_transformer_ros.replay.writer import EpisodeData, ReplayWriter
 
 
 class BaseEnvironment(abc.ABC):
@@ -60,7 +59,7 @@ class MockEnvironment(BaseEnvironment):
     Each episode (fixed by its seed) draws an instruction, a noise image per camera and a horizon in
     ``horizon``. Frames are the noise image with a brightness ramp over time. At the horizon the episode
     terminates, successful (reward 1) iff the action's first dim was positive on that step; before it
-    rewards are 0. So the optimal Q of "first dim positive at the last step" is 1, which a learner can
+    rewards are 0. State inputs (if the contract declares any) are random within their ranges. So the optimal Q of "first dim positive at the last step" is 1, which a learner can
     find. With ``max_steps`` shorter than the horizon an Agent truncates the episode.
     """
 
@@ -74,13 +73,16 @@ class MockEnvironment(BaseEnvironment):
         self.horizon = horizon
         self.instructions = list(instructions)
         self._rng = np.random.default_rng(0)
-        self._base: Observation = {}
+        self._base: dict[str, np.ndarray] = {}
         self._t = 0
         self._horizon = horizon[0]
 
     def _observe(self) -> Observation:
         ramp = np.uint8(min(255, 16 * self._t))
-        return {name: base + ramp for name, base in self._base.items()}  # uint8 wraps: still a valid image
+        frames = {name: base + ramp for name, base in self._base.items()}  # uint8 wraps: still a valid image
+        c = self.contract
+        state = self._rng.uniform(c.state_low, c.state_high).astype(np.float32) if c.state_dim else None
+        return Observation(frames=frames, state=state)
 
     def reset(self, seed: int | None = None) -> tuple[str | None, Observation]:
         self._rng = np.random.default_rng(seed)
@@ -103,7 +105,7 @@ class MockEnvironment(BaseEnvironment):
 
 class PolicyLike(Protocol):
     def reset(self, instruction: str | None) -> None: ...
-    def push_frames(self, frames: Observation) -> None: ...
+    def push(self, obs: Observation) -> None: ...
     def decide(self) -> Any: ...
 
 
@@ -201,7 +203,7 @@ class Agent:
         cfg, D = self.config, self.contract.num_action_dims
         if self.policy is None:
             return self.rng.integers(0, self._bins), True
-        self.policy.push_frames(obs)
+        self.policy.push(obs)
         decision = self.policy.decide()
         bins = np.asarray(decision.bins, dtype=np.int64).reshape(D).copy()
         tau = cfg.temperature(self.global_step)
@@ -236,12 +238,16 @@ class Agent:
         if self.policy is not None:
             self.policy.reset(instruction)
         frames: dict[str, list[np.ndarray]] = {c.name: [] for c in self.contract.cameras}
+        states: list[np.ndarray] = []
         actions, rewards = [], []
         terminated = success = False
         explored_steps = 0
         for _ in range(self.config.max_steps):
+            obs.check(self.contract, where=f"{self.env.name} seed {seed}")
             for c in self.contract.cameras:
-                frames[c.name].append(obs[c.name])
+                frames[c.name].append(obs.frames[c.name])
+            if obs.state is not None:
+                states.append(obs.state)
             bins, explored = self.select_bins(obs)
             explored_steps += explored
             action = self.contract.bins_to_actions(bins)
@@ -255,7 +261,9 @@ class Agent:
         extra = not terminated
         if extra:
             for c in self.contract.cameras:
-                frames[c.name].append(obs[c.name])
+                frames[c.name].append(obs.frames[c.name])
+            if obs.state is not None:
+                states.append(obs.state)
             actions.append(actions[-1])
             rewards.append(0.0)
         ep = EpisodeData(
@@ -263,6 +271,7 @@ class Agent:
             actions=np.stack(actions).astype(np.float32),
             rewards=np.asarray(rewards, dtype=np.float32),
             success=success, terminal=terminated, instruction=instruction,
+            state=np.stack(states).astype(np.float32) if states else None,
             source_id=f"{self.env.name}:seed{seed}",
             metadata={"env": self.env.name, "seed": seed, "explored_steps": explored_steps,
                       "final_observation_step": extra},

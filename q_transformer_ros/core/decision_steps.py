@@ -45,9 +45,11 @@ def encode_step(net: QTransformerNet, images: Tensor, text: Tensor, mask: Tensor
     return net.encode_frames(images, repeat(text, "1 t -> c t", c=c), repeat(mask, "1 -> c", c=c))
 
 
-def decide_step(net: QTransformerNet, tokens: Tensor, text: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Cached frame tokens ``(1, f, c*k, d)`` + instruction -> greedy (bins, q_chosen, all_q), as ``decode``."""
-    return net.decode(net.encode_state(tokens, text, mask))
+def decide_step(net: QTransformerNet, tokens: Tensor, text: Tensor, mask: Tensor,
+                proprio: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Cached frame tokens ``(1, f, c*k, d)`` + instruction (+ normalised robot state ``(1, f, p)``) ->
+    greedy (bins, q_chosen, all_q), as ``decode``."""
+    return net.decode(net.encode_state(tokens, text, mask, proprio))
 
 
 class DecisionSteps:
@@ -63,7 +65,8 @@ class DecisionSteps:
         self.compiled = mode != "off"
         self._ready = {"encode": False, "decide": False}
         self._encode: Callable[..., Any] = lambda images, text, mask: encode_step(net, images, text, mask)
-        self._decide: Callable[..., Any] = lambda tokens, text, mask: decide_step(net, tokens, text, mask)
+        self._decide: Callable[..., Any] = (
+            lambda tokens, text, mask, proprio=None: decide_step(net, tokens, text, mask, proprio))
         if self.compiled:
             _register_einops_types()
             kwargs = compile_kwargs(mode)
@@ -73,8 +76,11 @@ class DecisionSteps:
     def encode(self, images: Tensor, text: Tensor, mask: Tensor) -> Tensor:
         return self._run("encode", self._encode, images, text, mask)
 
-    def decide(self, tokens: Tensor, text: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return self._run("decide", self._decide, tokens, text, mask)
+    def decide(self, tokens: Tensor, text: Tensor, mask: Tensor,
+               proprio: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        if proprio is None:
+            return self._run("decide", self._decide, tokens, text, mask)
+        return self._run("decide", self._decide, tokens, text, mask, proprio)
 
     def _run(self, name: str, fn: Callable[..., Any], *args: Tensor) -> Any:
         if not self.compiled:

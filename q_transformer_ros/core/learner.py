@@ -68,6 +68,11 @@ class LearnerConfig:
     """Upper end of the Q range; bce/hl_gauss targets are clamped into [min_reward, max_reward]."""
     mc_lower_bound: bool = True
     """Clip every target from below by the sample's Monte-Carlo return-to-go."""
+    bc_weight: float = 0.0
+    """Weight of an auxiliary cloning term for 'q_learning': cross-entropy of the data's bin over each
+    dim's Q logits (models with value_bins = 1). It pulls the taken bin above the others, the same
+    direction as the conservative term, with cross-entropy's scale-free gradient (as TD3+BC regularises
+    an offline actor). 0 (default): the paper's objective."""
     target_update: TargetUpdate = "ema"
     """'ema': target <- (1 - tau) target + tau online every step; 'copy': hard copy every
     ``target_copy_every`` steps."""
@@ -93,6 +98,8 @@ class LearnerConfig:
             raise bad("td_loss", "must be 'mse', 'bce' or 'hl_gauss'")
         if not self.conservative_weight >= 0.0:
             raise bad("conservative_weight", "must be >= 0")
+        if not self.bc_weight >= 0.0:
+            raise bad("bc_weight", "must be >= 0")
         if not self.min_reward < self.max_reward:
             raise bad("min_reward", f"must be < max_reward ({self.max_reward})")
         if self.target_update not in ("ema", "copy"):
@@ -322,7 +329,8 @@ def learning_step(
 
     batch: tensors on the model's device: ``frames`` uint8 (b, c, f, 3, h, w), ``next_frames`` uint8,
     ``action_bins`` int64 (b, n), ``rewards`` float (b, s), ``discount_to_next`` (b,), ``mc_return`` (b,),
-    ``instruction_index`` int64 (b,), optional ``reward_mask`` (b, s).
+    ``instruction_index`` int64 (b,), optional ``reward_mask`` (b, s), and for models with state inputs
+    ``state`` / ``next_state`` float (b, f, p) (normalised robot state over the two frame windows).
     online_net may be DDP-wrapped (its forward is called through the wrapper so gradients sync);
     target_net is the bare target model (unused for 'bc')."""
     bare = unwrap(online_net)
@@ -330,7 +338,10 @@ def learning_step(
     action_bins = batch["action_bins"].long()
     text, text_mask = instruction_conditioning(batch["instruction_index"].long(), text_embeddings, _text_dim(bare))
 
-    logits = online_net(batch["frames"], text, text_mask, action_bins, cond_drop_prob=cfg.cond_drop_prob)
+    proprio = batch.get("state")
+    with_state = {} if proprio is None else {"proprio": proprio}  # networks without state inputs take none
+    logits = online_net(batch["frames"], text, text_mask, action_bins, cond_drop_prob=cfg.cond_drop_prob,
+                        **with_state)
     metrics: dict[str, Tensor] = {}
 
     if cfg.objective == "bc":
@@ -355,7 +366,10 @@ def learning_step(
         frames2 = torch.cat([batch["frames"], batch["next_frames"]], dim=0)
         # dim 0 at s_{t+n} does not depend on the bins fed to the head; reuse the data's bins
         bins2 = torch.cat([action_bins, action_bins], dim=0)
-        t_logits = target_net(frames2, torch.cat([text, text]), torch.cat([text_mask, text_mask]), bins2, cond_drop_prob=0.0)
+        if proprio is not None:
+            with_state = {"proprio": torch.cat([proprio, batch["next_state"]], dim=0)}
+        t_logits = target_net(frames2, torch.cat([text, text]), torch.cat([text_mask, text_mask]), bins2,
+                              cond_drop_prob=0.0, **with_state)
         q_t = target_net.q_values(t_logits).float().amin(dim=0)  # (2b, n, a) min over critics
         q_now, q_next_state = q_t[:b], q_t[b:]
         targets = bellman_targets(
@@ -378,6 +392,13 @@ def learning_step(
         loss = loss + cfg.conservative_weight * cons
     else:
         cons = torch.zeros((), device=q.device)
+    if cfg.bc_weight > 0:
+        if has_value_bins:
+            raise ValueError("learner.bc_weight > 0 needs scalar Q logits (a model with value_bins = 1)")
+        aux, aux_acc = bc_loss(logits, action_bins, bin_mask)
+        loss = loss + cfg.bc_weight * aux
+        metrics["losses/bc_loss"] = aux.detach()
+        metrics["bc/accuracy"] = aux_acc.detach()
 
     q_taken = take_bins(q, action_bins).detach()
     metrics["losses/td_loss"] = td.detach()

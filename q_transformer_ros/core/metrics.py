@@ -1,7 +1,11 @@
-"""Training metrics: one JSON object per logged step in ``metrics.jsonl``, and a PNG of the curves.
+"""Training metrics: one JSON object per logged step in ``metrics.jsonl``, TensorBoard event files next
+to it, and a PNG of the curves.
 
 Why JSONL: append-only (a killed run loses at most the line being written), readable by any tool, and
 a resumed run can drop the lines past the checkpoint it resumed from so the curve has no duplicates.
+TensorBoard gets the same scalars under the same keys (``losses/td_loss``, ``q/mean_q``, ``lr`` ...), so
+``tensorboard --logdir runs/`` shows every run of a folder side by side; a resumed run purges the
+events past its checkpoint the same way (``purge_step``).
 """
 
 from __future__ import annotations
@@ -29,9 +33,11 @@ class MetricsLogger:
     """Appends ``{"step": int, key: float, ...}`` lines to a JSONL file.
 
     ``resume_step``: records with a step greater than this are removed first (they came from the part
-    of a killed run after its last checkpoint, which the resumed run repeats)."""
+    of a killed run after its last checkpoint, which the resumed run repeats).
+    ``tensorboard_dir``: also write every record as TensorBoard scalars there (event files)."""
 
-    def __init__(self, path: str | Path, resume_step: int | None = None):
+    def __init__(self, path: str | Path, resume_step: int | None = None,
+                 tensorboard_dir: str | Path | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
@@ -42,16 +48,29 @@ class MetricsLogger:
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         self._file = open(self.path, "a", buffering=1)
+        self._tb = None
+        if tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+
+            purge = None if resume_step is None else resume_step + 1
+            self._tb = SummaryWriter(log_dir=str(tensorboard_dir), purge_step=purge, flush_secs=30)
 
     def log(self, step: int, values: Mapping[str, Any]) -> None:
         record: dict[str, Any] = {"step": int(step)}
         for k, v in values.items():
             record[k] = float(v)
         self._file.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for k, v in record.items():
+                if k != "step" and math.isfinite(v):
+                    self._tb.add_scalar(k, v, global_step=int(step))
 
     def close(self) -> None:
         if not self._file.closed:
             self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
 
     def __enter__(self) -> "MetricsLogger":
         return self

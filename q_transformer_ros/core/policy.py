@@ -3,14 +3,19 @@
 Two ways to decide:
 
 * streaming (robots): ``reset(instruction)`` once per episode, then each control step
-  ``push_frames({camera: uint8 (3, H, W)})`` and ``decide()``. Each frame is encoded once (MaxViT +
+  ``push(Observation(frames={camera: uint8 (3, H, W)}, state=...))`` and ``decide()``
+  (``push_frames(frames)`` for contracts without state inputs). Each frame is encoded once (MaxViT +
   TokenLearner, FiLM-conditioned on the current instruction) and its tokens go into a ring buffer of
   ``frame_history`` steps; a decision only runs the history transformer over the cached tokens and
   the autoregressive head. An instruction change calls ``reset`` (the cached tokens were conditioned
   on the old instruction). At episode start the history is padded by repeating the first frame,
   exactly as the replay dataset pads.
-* full recomputation: ``act({camera: uint8 (F, 3, H, W)}, instruction)`` encodes everything from
-  scratch (no state kept). The streaming path gives the same bins and Q (tested).
+* full recomputation: ``act({camera: uint8 (F, 3, H, W)}, instruction, state=(F, S))`` encodes
+  everything from scratch (no history kept). The streaming path gives the same bins and Q (tested).
+
+Robot state inputs (``contract.state_inputs``) arrive raw, in the sources' units, and are normalised
+here with the checkpoint's contract (``RobotContract.normalize_state``), exactly as the dataset reader
+normalises them for training.
 
 Instruction embeddings come from the checkpoint's cache when present; an unknown instruction is
 embedded by the text encoder, built lazily from the checkpoint's text-encoder config, so a robot whose
@@ -34,6 +39,7 @@ from torch import Tensor
 from q_transformer_ros.core.decision_steps import DecisionSteps
 from q_transformer_ros.core.model import ModelConfig, QTransformerNet
 from q_transformer_ros.contract import RobotContract
+from q_transformer_ros.observation import Observation, ObservationError, check_state
 
 
 class PolicyInputError(ValueError):
@@ -87,6 +93,8 @@ def check_model_matches_contract(cfg: ModelConfig, contract: RobotContract, wher
         )
     if cfg.frame_history != contract.frame_history:
         problems.append(f"frame_history {cfg.frame_history} vs contract {contract.frame_history}")
+    if cfg.state_dim != contract.state_dim:
+        problems.append(f"state_dim {cfg.state_dim} vs contract state inputs {[s.name for s in contract.state_inputs]}")
     if problems:
         raise PolicyInputError(f"{where}: model config does not match contract '{contract.name}': " + "; ".join(problems))
 
@@ -130,6 +138,8 @@ class QTransformerPolicy:
         self.camera_names = [c.name for c in contract.cameras]
         self._tokens: deque[Tensor] = deque(maxlen=self.cfg.frame_history)
         self._frames: deque[Tensor] = deque(maxlen=self.cfg.frame_history)
+        self._proprio: deque[Tensor] = deque(maxlen=self.cfg.frame_history)
+        """Normalised state inputs ``(S,)`` of the kept time steps (empty without state inputs)."""
         self.instruction: str | None = None
         self._text: tuple[Tensor, Tensor] = self._as_step_inputs(*self._resolve_text(None))
         """Current instruction as (text ``(1, T)``, mask ``(1,)``): the form every step takes."""
@@ -300,6 +310,7 @@ class QTransformerPolicy:
         self.instruction = instruction
         self._tokens.clear()
         self._frames.clear()
+        self._proprio.clear()
 
     @property
     def history_length(self) -> int:
@@ -307,13 +318,40 @@ class QTransformerPolicy:
         return len(self._tokens)
 
     @torch.inference_mode()
-    def push_frames(self, frames: Mapping[str, np.ndarray]) -> None:
-        """Add one time step: ``{camera: uint8 (3, H, W)}``. Encodes each camera's frame once."""
-        images = self._frames_tensor(frames, with_time=False)  # (c, 3, h, w)
+    def push(self, obs: Observation) -> None:
+        """Add one time step: its frames (each camera's frame is encoded once) and state inputs."""
+        images = self._frames_tensor(obs.frames, with_time=False)  # (c, 3, h, w)
+        proprio = self._proprio_tensor(obs.state, with_time=False)
         with self._amp():
             tokens = self.steps.encode(images, *self._text)
         self._tokens.append(rearrange(tokens.float(), "c k d -> (c k) d"))
         self._frames.append(images)
+        if proprio is not None:
+            self._proprio.append(proprio)
+
+    def push_frames(self, frames: Mapping[str, np.ndarray]) -> None:
+        """``push`` for contracts without state inputs: ``{camera: uint8 (3, H, W)}``."""
+        self.push(Observation(frames=frames))
+
+    def _proprio_tensor(self, state: np.ndarray | None, with_time: bool) -> Tensor | None:
+        """Raw state ``(S,)`` (or ``(F, S)``) -> normalised float tensor on the device; None without state inputs."""
+        try:
+            check_state(state, self.contract, where="policy input")
+        except ObservationError as e:
+            raise PolicyInputError(str(e)) from None
+        if not self.cfg.state_dim:
+            return None
+        arr = np.asarray(state)
+        if arr.ndim != (2 if with_time else 1):
+            expect = f"(F, {self.cfg.state_dim})" if with_time else f"({self.cfg.state_dim},)"
+            raise PolicyInputError(f"state has shape {arr.shape}, expected {expect}")
+        return torch.from_numpy(self.contract.normalize_state(arr)).to(self.device)
+
+    def _history_proprio(self) -> Tensor | None:
+        """The kept state inputs padded like the frames: ``(1, f, S)``, or None without state inputs."""
+        if not self.cfg.state_dim:
+            return None
+        return rearrange(torch.stack(self._padded(self._proprio)), "f p -> 1 f p")
 
     def _padded(self, items: deque) -> list[Tensor]:
         return [items[0]] * (self.cfg.frame_history - len(items)) + list(items)
@@ -325,11 +363,12 @@ class QTransformerPolicy:
             raise PolicyInputError("decide() called before push_frames(): no frames since the last reset()")
         start = time.perf_counter()
         tokens = rearrange(torch.stack(self._padded(self._tokens)), "f ck d -> 1 f ck d")
+        proprio = self._history_proprio()
         with self._amp():
             if beam_width == 1:
-                bins, q, all_q = self.steps.decide(tokens, *self._text)
+                bins, q, all_q = self.steps.decide(tokens, *self._text, proprio)
             else:  # beam search: eager (its shapes depend on the width)
-                state = self.net.encode_state(tokens, *self._text)
+                state = self.net.encode_state(tokens, *self._text, proprio)
                 bins, q, all_q = self.net.decode(state, beam_width=beam_width)
         return self._decision(bins, q, all_q, start)
 
@@ -346,28 +385,37 @@ class QTransformerPolicy:
         video = self._history_video()
         text, mask = self._resolve_text(self.instruction)
         with self._amp():
-            state = self.net.encode(video, text, mask)
+            state = self.net.encode(video, text, mask, self._history_proprio())
             bins, q, all_q = self.net.decode(state, beam_width=beam_width)
         return self._decision(bins, q, all_q, start)
 
     # -- full recomputation ---------------------------------------------------------------------------
     @torch.inference_mode()
-    def act(self, frames: Mapping[str, np.ndarray], instruction: str | None = None, beam_width: int = 1) -> Decision:
-        """Decide from ``{camera: uint8 (F, 3, H, W)}`` (oldest first; fewer than frame_history frames are
-        padded by repeating the first). Stateless: the streaming history is not touched."""
+    def act(self, frames: Mapping[str, np.ndarray], instruction: str | None = None, beam_width: int = 1,
+            state: np.ndarray | None = None) -> Decision:
+        """Decide from ``{camera: uint8 (F, 3, H, W)}`` and raw ``state`` ``(F, S)`` (oldest first; fewer
+        than frame_history steps are padded by repeating the first). Stateless: the streaming history is
+        not touched."""
         start = time.perf_counter()
         video = self._frames_tensor(frames, with_time=True)  # (c, f, 3, h, w)
+        proprio = self._proprio_tensor(state, with_time=True)  # (f, p) or None
         f = video.shape[1]
+        if proprio is not None and proprio.shape[0] != f:
+            raise PolicyInputError(f"state has {proprio.shape[0]} time steps, frames have {f}")
         if f < self.cfg.frame_history:
             video = torch.cat([video[:, :1].expand(-1, self.cfg.frame_history - f, -1, -1, -1), video], dim=1)
+            if proprio is not None:
+                proprio = torch.cat([proprio[:1].expand(self.cfg.frame_history - f, -1), proprio])
+        proprio = None if proprio is None else rearrange(proprio, "f p -> 1 f p")
         text, mask = self._resolve_text(instruction)
         with self._amp():
             if self.steps.compiled and beam_width == 1:  # the compiled steps, one time step at a time
                 step_text = self._as_step_inputs(text, mask)
                 per_step = [rearrange(self.steps.encode(video[:, i].contiguous(), *step_text).float(), "c k d -> (c k) d") for i in range(video.shape[1])]
-                bins, q, all_q = self.steps.decide(rearrange(torch.stack(per_step), "f ck d -> 1 f ck d"), *step_text)
+                bins, q, all_q = self.steps.decide(rearrange(torch.stack(per_step), "f ck d -> 1 f ck d"), *step_text,
+                                                   proprio)
             else:
-                state = self.net.encode(rearrange(video, "c f ch h w -> 1 c f ch h w"), text, mask)
+                state = self.net.encode(rearrange(video, "c f ch h w -> 1 c f ch h w"), text, mask, proprio)
                 bins, q, all_q = self.net.decode(state, beam_width=beam_width)
         return self._decision(bins, q, all_q, start)
 
@@ -381,8 +429,10 @@ class QTransformerPolicy:
         video = self._history_video()
         text = torch.stack([self.embed_instruction(t) for t in instructions]).to(self.device)
         b = len(instructions)
+        proprio = self._history_proprio()
         with self._amp():
-            state = self.net.encode(video.expand(b, -1, -1, -1, -1, -1), text, torch.ones(b, dtype=torch.bool, device=self.device))
+            state = self.net.encode(video.expand(b, -1, -1, -1, -1, -1), text, torch.ones(b, dtype=torch.bool, device=self.device),
+                                    None if proprio is None else proprio.expand(b, -1, -1))
             _, q, _ = self.net.decode(state)
         values = q[:, -1].float().cpu().numpy()
         if not np.all(np.isfinite(values)):
@@ -412,9 +462,10 @@ class QTransformerPolicy:
         instruction = self.instruction
         h, w = self.cfg.image_size
         black = {cam: np.zeros((3, h, w), dtype=np.uint8) for cam in self.camera_names}
+        mid = (self.contract.state_low + self.contract.state_high) / 2 if self.cfg.state_dim else None
         last = 0.0
         for _ in range(max(1, steps)):
-            self.push_frames(black)
+            self.push(Observation(frames=black, state=mid))
             last = self.decide().inference_time_s
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence, TypedDict
+from typing import Any, NotRequired, Sequence, TypedDict
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from q_transformer_ros.replay.format import (
-    ACTIONS_FILE, CHUNKS_DIR, EMBEDDINGS_DIR, MANIFEST_NAME, MC_RETURNS_FILE, REWARDS_FILE, STEP_ARRAYS,
+    ACTIONS_FILE, CHUNKS_DIR, EMBEDDINGS_DIR, MANIFEST_NAME, MC_RETURNS_FILE, REWARDS_FILE, STATE_FILE, STEP_ARRAYS,
     TERMINALS_FILE, TRUNCATED_FILE, DatasetError, Manifest, frames_file, read_manifest,
 )
 from q_transformer_ros.replay.returns import discounted_returns, n_step_layout, n_step_rewards
@@ -60,6 +60,11 @@ class ReplaySample(TypedDict):
     """int64 (): global step index of t (chunks concatenated in manifest order)."""
     episode_index: torch.Tensor
     """int64 (): index of the episode in the manifest."""
+    state: NotRequired[torch.Tensor]
+    """float32 (F, S): the robot's state inputs over the frame window, normalised by the reader's
+    contract (only when it declares state inputs)."""
+    next_state: NotRequired[torch.Tensor]
+    """float32 (F, S): the same over the bootstrap window."""
 
 
 @dataclass
@@ -78,6 +83,8 @@ class StoredEpisode:
     success: bool
     terminal: bool
     metadata: dict[str, Any] = field(default_factory=dict)
+    state: np.ndarray | None = None
+    """float32 (L, S) raw state inputs as stored (None without state inputs)."""
 
 
 def _select_episodes(episodes: slice | Sequence[int] | np.ndarray | None, n: int, where: str) -> np.ndarray:
@@ -155,6 +162,9 @@ class ReplayDataset(Dataset):
         self.truncated = np.concatenate(parts[TRUNCATED_FILE])
         self.mc_returns = np.concatenate(parts[MC_RETURNS_FILE])
         self.action_bins = self.contract.actions_to_bins(self.actions)
+        self.state = self._load_state() if self.contract.state_dim else None
+        """float32 (steps, S) raw state inputs as stored; ``state_norm`` is what the model sees."""
+        self.state_norm = self.contract.normalize_state(self.state) if self.state is not None else None
 
         # -- episodes -----------------------------------------------------------------------------
         eps = self.manifest.episodes
@@ -183,6 +193,22 @@ class ReplayDataset(Dataset):
         self._layout = n_step_layout(self.sample_t, L, self.ep_terminal[self.sample_episode], n_step,
                                      self.contract.discount)
         self._frames: dict[int, dict[str, np.ndarray]] = {}
+
+    def _load_state(self) -> np.ndarray:
+        S = self.contract.state_dim
+        parts = []
+        for c in self.manifest.chunks:
+            f = self.root / CHUNKS_DIR / c.id / STATE_FILE
+            try:
+                arr = np.load(f)
+            except (OSError, ValueError) as e:
+                raise DatasetError(f"{f}: cannot read the state inputs "
+                                   f"{[s.name for s in self.contract.state_inputs]}: {e}") from None
+            if arr.shape != (c.num_steps, S) or arr.dtype != np.float32:
+                raise DatasetError(f"{f}: shape {arr.shape} dtype {arr.dtype}, manifest and contract say "
+                                   f"({c.num_steps}, {S}) float32")
+            parts.append(arr)
+        return np.concatenate(parts)
 
     # -- public info ----------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -235,6 +261,7 @@ class ReplayDataset(Dataset):
             truncated=self.truncated[s:s + L], mc_returns=self.mc_returns[s:s + L],
             instruction=None if e.instruction_index < 0 else self.manifest.instructions[e.instruction_index],
             source_id=e.source_id, success=e.success, terminal=e.terminal, metadata=dict(e.metadata),
+            state=None if self.state is None else self.state[s:s + L],
         )
 
     def summary(self) -> dict[str, Any]:
@@ -332,7 +359,13 @@ class ReplayDataset(Dataset):
         g = self.ep_start[ep] + t
         rewards, mask = n_step_rewards(self.rewards, g, n_eff, N)
         powers = np.power(gamma, np.arange(N, dtype=np.float64))
+        extra = {}
+        if self.state_norm is not None:
+            first = self.ep_start[ep][:, None]
+            extra = {"state": torch.from_numpy(self.state_norm[first + (t[:, None] + back).clip(min=0)]),
+                     "next_state": torch.from_numpy(self.state_norm[first + (nxt[:, None] + back).clip(min=0)])}
         return {
+            **extra,
             "frames": torch.from_numpy(frames),
             "next_frames": torch.from_numpy(next_frames),
             "action_bins": torch.from_numpy(self.action_bins[g]),
@@ -373,7 +406,7 @@ class ReplayDataset(Dataset):
         rewards = np.zeros(N, dtype=np.float32)
         rewards[:n_eff] = self.rewards[s + t:s + t + n_eff]
         ret = sum(float(rewards[k]) * gamma ** k for k in range(n_eff))
-        return ReplaySample(
+        sample = ReplaySample(
             frames=torch.from_numpy(window(t)),
             next_frames=torch.from_numpy(window(nxt)),
             action_bins=torch.from_numpy(self.contract.actions_to_bins(self.actions[s + t])),
@@ -389,6 +422,14 @@ class ReplayDataset(Dataset):
             step_index=torch.tensor(s + t, dtype=torch.int64),
             episode_index=torch.tensor(e, dtype=torch.int64),
         )
+        if self.state is not None:  # normalised here, independently of get_batch's precomputed table
+            def state_window(last: int) -> np.ndarray:
+                rows = [self.state[s + max(0, last - k)] for k in range(F - 1, -1, -1)]
+                return self.contract.normalize_state(np.stack(rows))
+
+            sample["state"] = torch.from_numpy(state_window(t))
+            sample["next_state"] = torch.from_numpy(state_window(nxt))
+        return sample
 
     # -- pickling (DataLoader workers reopen their own memory maps) ---------------------------------
     def __getstate__(self) -> dict[str, Any]:

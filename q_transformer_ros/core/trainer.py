@@ -11,8 +11,10 @@ YAML is the source of truth (``TrainConfig`` fields, nested ``learner:``, ``mode
 mappings) override it. A run resumes from ``<out>/checkpoint.pt`` when it exists (``--resume`` makes a
 missing checkpoint an error, ``--no-resume`` starts over): same step, same data order, same RNG streams.
 
-The loop only moves batches to the device, calls :func:`learning_step`, steps the optimizer, updates
-the target network, logs and checkpoints.
+Three parts (lerobot's train script and CleanRL's loop are the pattern): :func:`build_run` makes the run
+(contract, datasets, instruction table, model, optimizer, data order; fresh or resumed), :func:`update_step`
+does one optimizer step (micro-batches of :func:`learning_step`, clipping, target update), and
+:func:`_train` is the loop around it that logs (metrics.jsonl, TensorBoard, progress bar) and checkpoints.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -124,6 +126,8 @@ class TrainConfig:
     """DDP option; set true if a model variant leaves parameters without gradient in a step."""
     progress: bool = True
     """tqdm progress bar (main process only)."""
+    tensorboard: bool = True
+    """Also write TensorBoard event files into ``out`` (``tensorboard --logdir runs/``)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.dataset, (str, Path)):
@@ -220,6 +224,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-resume", action="store_const", const="never", dest="resume",
                    help="start over even if <out>/checkpoint.pt exists")
     p.add_argument("--no-progress", action="store_false", dest="progress", default=None)
+    p.add_argument("--no-tensorboard", action="store_false", dest="tensorboard", default=None,
+                   help="do not write TensorBoard event files (metrics.jsonl and metrics.png are always written)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any field; VALUE is YAML; dotted keys reach nested mappings (learner.td_loss=bce)")
     return p
@@ -242,7 +248,7 @@ def config_from_args(argv: Sequence[str] | None) -> TrainConfig:
             raise TrainError(f"{path}: expected a mapping of TrainConfig fields, got {type(loaded).__name__}")
         data.update(loaded)
     for key in ("out", "contract", "steps", "batch_size", "lr", "objective", "n_step", "device", "seed",
-                "num_workers", "checkpoint_every", "model_preset", "resume", "progress"):
+                "num_workers", "checkpoint_every", "model_preset", "resume", "progress", "tensorboard"):
         v = getattr(args, key)
         if v is not None:
             data[key] = v
@@ -308,7 +314,7 @@ class BatchDataset(Dataset):
         return {key: torch.cat([p[key] for p in parts])[torch.from_numpy(inv)] for key in parts[0]}
 
 
-TRAIN_KEYS = ("frames", "next_frames", "action_bins", "rewards", "reward_mask", "discount_to_next", "mc_return",
+TRAIN_KEYS = ("frames", "next_frames", "state", "next_state", "action_bins", "rewards", "reward_mask", "discount_to_next", "mc_return",
               "instruction_index")
 
 
@@ -439,6 +445,59 @@ class TrainResult:
     """Checksum of the online parameters (equal across ranks; used by the resume / DDP tests)."""
 
 
+@dataclass
+class TrainRun:
+    """Everything a run holds between optimizer steps; made once by :func:`build_run` (fresh or resumed)."""
+
+    cfg: TrainConfig
+    info: DistInfo
+    device: torch.device
+    out: Path
+    contract: RobotContract
+    data: BatchDataset
+    instruction_embeddings: torch.Tensor
+    """(I, T) embeddings of ``data.instructions``, on ``device``."""
+    text_encoder: dict[str, Any]
+    model_cfg: Any
+    lcfg: LearnerConfig
+    model: nn.Module
+    ddp_model: nn.Module
+    """``model`` wrapped in DistributedDataParallel under torchrun, else ``model`` itself."""
+    target: nn.Module | None
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    sampler: ShardedBatchSampler
+    loader: DataLoader
+    step: int = 0
+    consumed: int = 0
+    """Micro-batches drawn from the sampler so far (the data order's position, for exact resume)."""
+    resumed: bool = False
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / CHECKPOINT_NAME
+
+    def payload(self) -> dict[str, Any]:
+        """The checkpoint: enough to serve (contract, configs, weights, instruction table) and to resume."""
+        return {
+            "contract": self.contract.to_dict(),
+            "model_config": self.model_cfg.to_dict(),
+            "text_encoder": self.text_encoder,
+            "objective": self.cfg.objective,
+            "learner_config": self.lcfg.to_dict(),
+            "model": self.model.state_dict(),
+            "target_model": self.target.state_dict() if self.target is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "rng": {f"rank{self.info.rank}": rng_state()},
+            "data_order": self.sampler.position(self.consumed),
+            "instruction_embeddings": {"texts": list(self.data.instructions),
+                                       "embeddings": self.instruction_embeddings.detach().cpu()},
+            "train_config": self.cfg.to_dict(),
+        }
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     """Run (or resume) training; returns when ``cfg.steps`` optimizer steps are done."""
     from q_transformer_ros.core.model import ModelConfig, QTransformerNet
@@ -450,19 +509,19 @@ def train(cfg: TrainConfig) -> TrainResult:
         with RunLock(cfg.out) if info.is_main else nullcontext():
             if info.is_main:
                 remove_stale_temp_files(cfg.out)  # what killed checkpoint writes left; we hold the lock
-            return _train(cfg, info, ModelConfig, QTransformerNet)
+            return _train(build_run(cfg, info, ModelConfig, QTransformerNet))
     except RunLockError as e:
         raise TrainError(str(e)) from None
     finally:
         shutdown_distributed()
 
 
-def _train(cfg: TrainConfig, info: DistInfo, ModelConfig: Any, QTransformerNet: Any) -> TrainResult:
-    device = pick_device(cfg.device, info)
-    out = Path(cfg.out)
-    ckpt_path = out / CHECKPOINT_NAME
+# -- building the run ----------------------------------------------------------------------------
 
-    # -- contract, checkpoint to resume ---------------------------------------------------------
+def load_resume_point(cfg: TrainConfig) -> tuple[RobotContract | None, dict[str, Any] | None]:
+    """The training contract (``--contract``, else the checkpoint's, else None: the dataset's) and the
+    checkpoint to resume from (None for a fresh run), checked against this run's objective."""
+    ckpt_path = Path(cfg.out) / CHECKPOINT_NAME
     contract = None
     if cfg.contract:
         try:
@@ -482,18 +541,16 @@ def _train(cfg: TrainConfig, info: DistInfo, ModelConfig: Any, QTransformerNet: 
             contract = RobotContract.from_dict(resume_from["contract"], where=f"{ckpt_path}:contract")
     elif cfg.resume == "require":
         raise TrainError(f"--resume given but {ckpt_path} does not exist")
+    return contract, resume_from
 
-    datasets, contract = open_datasets(cfg, contract)
-    data = BatchDataset(datasets)
-    seed_everything(cfg.seed)
 
-    emb, enc_dict, text_dim = instruction_table(
-        cfg, data, device, info, resume_from.get("instruction_embeddings") if resume_from else None)
-
-    # -- model ----------------------------------------------------------------------------------
-    seed_everything(cfg.seed)
+def build_model(
+    cfg: TrainConfig, contract: RobotContract, text_dim: int, resume_from: Mapping[str, Any] | None,
+    ModelConfig: Any, QTransformerNet: Any,
+) -> tuple[Any, LearnerConfig, nn.Module]:
+    """Model config (the checkpoint's when resuming, else preset + overrides), learner config, network."""
     if resume_from is not None:
-        model_cfg = ModelConfig.from_dict(resume_from["model_config"], where=f"{ckpt_path}:model_config")
+        model_cfg = ModelConfig.from_dict(resume_from["model_config"], where=f"{cfg.out}/{CHECKPOINT_NAME}:model_config")
     else:
         try:
             model_cfg = ModelConfig.preset(cfg.model_preset, contract, text_dim=text_dim, **cfg.model_overrides)
@@ -510,38 +567,35 @@ def _train(cfg: TrainConfig, info: DistInfo, ModelConfig: Any, QTransformerNet: 
                          "use td_loss 'hl_gauss' exactly when value_bins > 1")
     if lcfg.objective == "bc" and model_cfg.value_bins > 1:
         raise TrainError("objective 'bc' needs a model with value_bins = 1")
-    model = QTransformerNet(model_cfg).to(device)
-    target = make_target_network(model) if lcfg.objective == "q_learning" else None
-    optimizer = make_optimizer(model, cfg)
-    scheduler = warmup_cosine_scheduler(optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+    return model_cfg, lcfg, QTransformerNet(model_cfg)
 
-    step, consumed = 0, 0
-    if resume_from is not None:
-        model.load_state_dict(resume_from["model"])
-        if target is not None and resume_from.get("target_model") is not None:
-            target.load_state_dict(resume_from["target_model"])
-        optimizer.load_state_dict(resume_from["optimizer"])
-        scheduler.load_state_dict(resume_from["scheduler"])
-        step = int(resume_from["step"])
-        order = resume_from.get("data_order", {})
-        consumed = int(order.get("consumed_batches", step * cfg.grad_accum))
-        if order.get("world_size", info.world_size) != info.world_size or order.get("seed", cfg.seed) != cfg.seed:
-            print(f"train: note: resuming with world size {info.world_size} / seed {cfg.seed} (checkpoint: "
-                  f"{order.get('world_size')} / {order.get('seed')}); the data order differs from the killed run",
-                  file=sys.stderr)
-        rs = resume_from.get("rng", {}).get(f"rank{info.rank}") or resume_from.get("rng", {}).get("rank0")
-        if rs is not None:
-            set_rng_state(rs)
-        if info.is_main:
-            print(f"train: resuming {ckpt_path} at step {step}", file=sys.stderr)
 
-    ddp_model: nn.Module = model
-    if info.enabled:
-        ddp_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=cfg.find_unused_parameters)
+def restore(run: TrainRun, resume_from: Mapping[str, Any]) -> None:
+    """Weights, optimizer, schedule, step, data position and RNG streams of the checkpoint."""
+    run.model.load_state_dict(resume_from["model"])
+    if run.target is not None and resume_from.get("target_model") is not None:
+        run.target.load_state_dict(resume_from["target_model"])
+    run.optimizer.load_state_dict(resume_from["optimizer"])
+    run.scheduler.load_state_dict(resume_from["scheduler"])
+    run.step = int(resume_from["step"])
+    order = resume_from.get("data_order", {})
+    run.consumed = int(order.get("consumed_batches", run.step * run.cfg.grad_accum))
+    info, cfg = run.info, run.cfg
+    if order.get("world_size", info.world_size) != info.world_size or order.get("seed", cfg.seed) != cfg.seed:
+        print(f"train: note: resuming with world size {info.world_size} / seed {cfg.seed} (checkpoint: "
+              f"{order.get('world_size')} / {order.get('seed')}); the data order differs from the killed run",
+              file=sys.stderr)
+    rs = resume_from.get("rng", {}).get(f"rank{info.rank}") or resume_from.get("rng", {}).get("rank0")
+    if rs is not None:
+        set_rng_state(rs)
+    run.resumed = True
+    if info.is_main:
+        print(f"train: resuming {run.checkpoint_path} at step {run.step}", file=sys.stderr)
 
-    # -- data loader ----------------------------------------------------------------------------
+
+def make_loader(data: BatchDataset, cfg: TrainConfig, info: DistInfo, device: torch.device,
+                consumed: int) -> tuple[ShardedBatchSampler, DataLoader]:
+    """This rank's shard of the batch order, starting after the ``consumed`` micro-batches."""
     sampler = ShardedBatchSampler(len(data), cfg.batch_size, seed=cfg.seed, rank=info.rank,
                                   world_size=info.world_size, start_batch=consumed)
     loader = DataLoader(
@@ -550,106 +604,134 @@ def _train(cfg: TrainConfig, info: DistInfo, ModelConfig: Any, QTransformerNet: 
         prefetch_factor=2 if cfg.num_workers > 0 else None,
         generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG untouched (exact resume)
     )
+    return sampler, loader
 
-    # -- run ------------------------------------------------------------------------------------
+
+def build_run(cfg: TrainConfig, info: DistInfo, ModelConfig: Any, QTransformerNet: Any) -> TrainRun:
+    """Contract, datasets, instruction table, model, optimizer and data order: fresh, or as checkpointed."""
+    device = pick_device(cfg.device, info)
+    contract, resume_from = load_resume_point(cfg)
+    datasets, contract = open_datasets(cfg, contract)
+    data = BatchDataset(datasets)
+    seed_everything(cfg.seed)
+    emb, enc_dict, text_dim = instruction_table(
+        cfg, data, device, info, resume_from.get("instruction_embeddings") if resume_from else None)
+    seed_everything(cfg.seed)
+    model_cfg, lcfg, model = build_model(cfg, contract, text_dim, resume_from, ModelConfig, QTransformerNet)
+    model = model.to(device)
+    target = make_target_network(model) if lcfg.objective == "q_learning" else None
+    optimizer = make_optimizer(model, cfg)
+    scheduler = warmup_cosine_scheduler(optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+    run = TrainRun(cfg=cfg, info=info, device=device, out=Path(cfg.out), contract=contract, data=data,
+                   instruction_embeddings=emb, text_encoder=enc_dict, model_cfg=model_cfg, lcfg=lcfg,
+                   model=model, ddp_model=model, target=target, optimizer=optimizer, scheduler=scheduler,
+                   sampler=None, loader=None)  # type: ignore[arg-type]  (set below, after the restore)
+    if resume_from is not None:
+        restore(run, resume_from)
+    if info.enabled:
+        run.ddp_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=cfg.find_unused_parameters)
+    run.sampler, run.loader = make_loader(data, cfg, info, device, run.consumed)
+    return run
+
+
+# -- one update ----------------------------------------------------------------------------------
+
+def update_step(run: TrainRun, batches: Iterator[dict[str, torch.Tensor]]) -> tuple[dict[str, float], int]:
+    """One optimizer step: ``grad_accum`` micro-batches of :func:`learning_step`, clipping, the optimizer
+    and schedule step, the target-network update. Returns the step's metrics and the samples it used
+    (all ranks)."""
+    cfg, info = run.cfg, run.info
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if (cfg.bf16 and run.device.type == "cuda")
+                else nullcontext())
+    agg: dict[str, torch.Tensor] = {}
+    samples = 0
+    for micro in range(cfg.grad_accum):
+        batch = next(batches)
+        run.consumed += 1
+        batch = {k: batch[k].to(run.device, non_blocking=True) for k in TRAIN_KEYS if k in batch}
+        if cfg.augment_shift_px > 0:
+            for key in ("frames", "next_frames"):
+                if key in batch:
+                    batch[key] = random_shift(batch[key], cfg.augment_shift_px)
+        sync = info.enabled and micro < cfg.grad_accum - 1
+        with (run.ddp_model.no_sync() if sync else nullcontext()):
+            with autocast:
+                loss, metrics = learning_step(batch, run.ddp_model, run.target, run.instruction_embeddings, run.lcfg)
+            if not torch.isfinite(loss):
+                raise TrainError(
+                    f"non-finite loss {float(loss.detach())} at step {run.step + 1} (micro-batch {micro}); metrics: "
+                    f"{ {k: float(v) for k, v in metrics.items()} }. Check the dataset for NaN/inf "
+                    f"rewards or actions, or lower lr (now {run.scheduler.get_last_lr()[0]:.3g})")
+            (loss / cfg.grad_accum).backward()
+        for k, v in metrics.items():
+            agg[k] = agg.get(k, 0.0) + v.float() / cfg.grad_accum
+        samples += batch["action_bins"].shape[0] * info.world_size
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), max_norm)
+    if not torch.isfinite(grad_norm):
+        raise TrainError(f"non-finite gradient norm {float(grad_norm)} at step {run.step + 1}")
+    lr_now = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    if run.target is not None:
+        update_target_network(run.model, run.target, run.step, run.lcfg)
+    out = {k: float(v) for k, v in agg.items()}
+    out.update({"grad_norm": float(grad_norm), "lr": lr_now})
+    return out, samples
+
+
+# -- the loop ------------------------------------------------------------------------------------
+
+def _train(run: TrainRun) -> TrainResult:
+    cfg, info, out = run.cfg, run.info, run.out
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / CONFIG_NAME).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    logger = MetricsLogger(out / METRICS_NAME, resume_step=step if resume_from is not None else None) if info.is_main else None
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if (cfg.bf16 and device.type == "cuda") else nullcontext())
+    logger = (MetricsLogger(out / METRICS_NAME, resume_step=run.step if run.resumed else None,
+                            tensorboard_dir=out if cfg.tensorboard else None) if info.is_main else None)
     bar = None
     if info.is_main and cfg.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
-
-    def payload() -> dict[str, Any]:
-        rng_all = {f"rank{info.rank}": rng_state()}
-        return {
-            "contract": contract.to_dict(),
-            "model_config": model_cfg.to_dict(),
-            "text_encoder": enc_dict,
-            "objective": cfg.objective,
-            "learner_config": lcfg.to_dict(),
-            "model": model.state_dict(),
-            "target_model": target.state_dict() if target is not None else None,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "step": step,
-            "rng": rng_all,
-            "data_order": sampler.position(consumed),
-            "instruction_embeddings": {"texts": list(data.instructions), "embeddings": emb.detach().cpu()},
-            "train_config": cfg.to_dict(),
-        }
-
+        bar = tqdm(total=cfg.steps, initial=run.step, desc="train", unit="step", dynamic_ncols=True)
     last: dict[str, float] = {}
-    it = iter(loader)
+    batches = iter(run.loader)
     t_last, samples_since = time.perf_counter(), 0
-    model.train()
+    run.model.train()
     try:
-        while step < cfg.steps:
-            agg: dict[str, torch.Tensor] = {}
-            for micro in range(cfg.grad_accum):
-                batch = next(it)
-                consumed += 1
-                batch = {k: batch[k].to(device, non_blocking=True) for k in TRAIN_KEYS if k in batch}
-                if cfg.augment_shift_px > 0:
-                    for key in ("frames", "next_frames"):
-                        if key in batch:
-                            batch[key] = random_shift(batch[key], cfg.augment_shift_px)
-                sync = info.enabled and micro < cfg.grad_accum - 1
-                with (ddp_model.no_sync() if sync else nullcontext()):
-                    with autocast:
-                        loss, metrics = learning_step(batch, ddp_model, target, emb, lcfg)
-                    if not torch.isfinite(loss):
-                        raise TrainError(
-                            f"non-finite loss {float(loss.detach())} at step {step + 1} (micro-batch {micro}); metrics: "
-                            f"{ {k: float(v) for k, v in metrics.items()} }. Check the dataset for NaN/inf "
-                            f"rewards or actions, or lower lr (now {scheduler.get_last_lr()[0]:.3g})")
-                    (loss / cfg.grad_accum).backward()
-                for k, v in metrics.items():
-                    agg[k] = agg.get(k, 0.0) + v.float() / cfg.grad_accum
-                samples_since += batch["action_bins"].shape[0] * info.world_size
-            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-            if not torch.isfinite(grad_norm):
-                raise TrainError(f"non-finite gradient norm {float(grad_norm)} at step {step + 1}")
-            lr_now = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if target is not None:
-                update_target_network(model, target, step, lcfg)
-
-            if step % cfg.log_every == 0 or step == cfg.steps:
+        while run.step < cfg.steps:
+            metrics, samples = update_step(run, batches)
+            samples_since += samples
+            if run.step % cfg.log_every == 0 or run.step == cfg.steps:
                 now = time.perf_counter()
-                last = {k: float(v) for k, v in agg.items()}
-                last.update({"grad_norm": float(grad_norm), "lr": lr_now,
-                             "charts/samples_per_s": samples_since / max(now - t_last, 1e-9)})
+                last = {**metrics, "charts/samples_per_s": samples_since / max(now - t_last, 1e-9)}
                 t_last, samples_since = now, 0
                 if logger is not None:
-                    logger.log(step, last)
+                    logger.log(run.step, last)
                 if bar is not None:
                     bar.set_postfix(loss=f"{last['losses/loss']:.4f}", q=f"{last.get('q/mean_q', float('nan')):.3f}")
             if bar is not None:
                 bar.update(1)
-            if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+            if run.step % cfg.checkpoint_every == 0 and run.step < cfg.steps:
                 if info.is_main:
-                    save_checkpoint(ckpt_path, payload())
+                    save_checkpoint(run.checkpoint_path, run.payload())
                 barrier(info)
-        checksum = check_in_sync(model, info, device)
+        checksum = check_in_sync(run.model, info, run.device)
         if info.is_main:
-            save_checkpoint(ckpt_path, payload())
+            save_checkpoint(run.checkpoint_path, run.payload())
         barrier(info)
     finally:
         if bar is not None:
             bar.close()
         if logger is not None:
             logger.close()
-        del it
+        del batches
     plot = plot_metrics(out / METRICS_NAME, out / PLOT_NAME) if info.is_main else None
-    return TrainResult(step=step, checkpoint=ckpt_path, metrics=out / METRICS_NAME, plot=plot,
+    return TrainResult(step=run.step, checkpoint=run.checkpoint_path, metrics=out / METRICS_NAME, plot=plot,
                        last_metrics=last, param_checksum=checksum)
 
 

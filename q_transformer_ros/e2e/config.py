@@ -51,6 +51,10 @@ class DemoConfig:
     """Recorded episodes per task (layout seeds 0..N-1), cycling through ``noise_levels``."""
     noise_levels: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)
     """Std of the Gaussian noise on the expert's actions, per episode in turn: expert, noisy, failing."""
+    operators: tuple[str, ...] = ("expert",)
+    """Operator style per episode in turn (``sim.operators``: expert, wrong_target, stop_short,
+    release_early): the recorded data then hold systematic mistakes, not only noise. Episode i of a task
+    uses ``operators[i % len]`` with noise ``noise_levels[(i // len(operators)) % len]``."""
     max_episode_steps: int = 120
     """Control steps after which an episode ends as a failure (recording and closed loop)."""
     train_steps: int = 1000
@@ -66,6 +70,9 @@ class DemoConfig:
     (the instructions of a few tasks stay distinct codes; no download needed)."""
     eval_episodes: int = 3
     """Closed-loop episodes per task, on held-out seeds (from EVAL_SEED_OFFSET)."""
+    compare_bc: bool = True
+    """Also train behaviour cloning (same data, network, steps and seed) and run it closed loop on the
+    same seeds, so the table shows Q-learning next to cloning (``train_bc/``, ``eval_bc.jsonl``)."""
     contract: Path | None = None
     """Robot contract YAML; None = config/contract_ee_arm.yaml."""
     image_size: int | None = 32
@@ -93,6 +100,12 @@ class DemoConfig:
         self.out = Path(self.out)
         self.tasks = tuple(self.tasks)
         self.noise_levels = tuple(float(x) for x in self.noise_levels)
+        self.operators = tuple(self.operators)
+        from q_transformer_ros.sim.operators import OPERATOR_STYLES  # noqa: PLC0415
+
+        bad = [o for o in self.operators if o not in OPERATOR_STYLES]
+        if not self.operators or bad:
+            raise ValueError(f"DemoConfig.operators = {self.operators}: give styles from {OPERATOR_STYLES}")
         if not self.tasks:
             raise ValueError("DemoConfig.tasks is empty: name at least one Meta-World task")
         unknown = [t for t in self.tasks if t not in TASK_INSTRUCTIONS]
@@ -151,7 +164,7 @@ class DemoConfig:
     def quick(cls, **overrides: Any) -> "DemoConfig":
         """A tiny run for tests and smoke checks: 1 task, 2 short episodes, a few training steps, 1 closed-loop episode."""
         base = dict(tasks=("drawer-close-v3",), episodes_per_task=2, noise_levels=(0.0, 0.5), max_episode_steps=25,
-                    train_steps=4, batch_size=8, eval_episodes=1, image_size=32)
+                    train_steps=4, batch_size=8, eval_episodes=1, image_size=32, compare_bc=False)
         base.update(overrides)
         return cls(**base)
 
@@ -162,8 +175,13 @@ class DemoConfig:
     def record_plan(self) -> list[tuple[str, int, float]]:
         """(task, seed, noise std) of every recorded episode, task by task (the sim rebuilds its scene
         when the task changes, which costs seconds)."""
-        return [(task, i, self.noise_levels[i % len(self.noise_levels)])
+        n_ops = len(self.operators)
+        return [(task, i, self.noise_levels[(i // n_ops) % len(self.noise_levels)])
                 for task in self.tasks for i in range(self.episodes_per_task)]
+
+    def operator_for(self, seed: int) -> str:
+        """The operator style of recorded episode ``seed`` (layout seeds 0..N-1 of every task)."""
+        return self.operators[seed % len(self.operators)]
 
     def eval_plan(self) -> list[tuple[str, int]]:
         """(task, held-out seed) of every closed-loop episode, task by task."""
@@ -195,6 +213,18 @@ class DemoConfig:
         return self.out / "eval.jsonl"
 
     @property
+    def train_bc_dir(self) -> Path:
+        return self.out / "train_bc"
+
+    @property
+    def checkpoint_bc(self) -> Path:
+        return self.train_bc_dir / "checkpoint.pt"
+
+    @property
+    def eval_bc_log(self) -> Path:
+        return self.out / "eval_bc.jsonl"
+
+    @property
     def logs_dir(self) -> Path:
         return self.out / "logs"
 
@@ -204,5 +234,5 @@ class DemoConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["out"], d["contract"] = str(self.out), str(self.contract)
-        d["tasks"], d["noise_levels"] = list(self.tasks), list(self.noise_levels)
+        d["tasks"], d["noise_levels"], d["operators"] = list(self.tasks), list(self.noise_levels), list(self.operators)
         return d

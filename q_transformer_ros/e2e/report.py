@@ -30,6 +30,8 @@ class EpisodeRecord:
     """Expert noise std (recorded data)."""
     source: str = ""
     """Bag path, dataset source id, or 'closed loop'."""
+    operator: str = "expert"
+    """Operator style of recorded data (``sim.operators``)."""
 
     @property
     def mean_value(self) -> float:
@@ -41,7 +43,7 @@ class EpisodeRecord:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "EpisodeRecord":
-        return cls(**{k: d[k] for k in ("task", "seed", "success", "steps", "values", "noise", "source") if k in d})
+        return cls(**{k: d[k] for k in ("task", "seed", "success", "steps", "values", "noise", "source", "operator") if k in d})
 
 
 @dataclass

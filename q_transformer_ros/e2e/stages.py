@@ -64,14 +64,17 @@ def stage_key(cfg: DemoConfig, stage: str) -> dict[str, Any]:
     """What the stage's output depends on."""
     contract = cfg.contract.read_text()
     if stage == "record":
-        return {"tasks": list(cfg.tasks), "episodes_per_task": cfg.episodes_per_task, "noise": list(cfg.noise_levels),
-                "max_episode_steps": cfg.max_episode_steps, "contract": contract}
+        key = {"tasks": list(cfg.tasks), "episodes_per_task": cfg.episodes_per_task, "noise": list(cfg.noise_levels),
+               "max_episode_steps": cfg.max_episode_steps, "contract": contract}
+        if cfg.operators != ("expert",):
+            key["operators"] = list(cfg.operators)
+        return key
     if stage == "convert":
         return {"record": upstream_id(cfg, "record")}
     if stage == "train":
         return {"convert": upstream_id(cfg, "convert"), "steps": cfg.train_steps, "batch": cfg.batch_size,
                 "preset": cfg.model_preset, "objective": cfg.objective, "text": cfg.text_encoder_weights,
-                "seed": cfg.seed, "extra": list(cfg.extra_train_args), "device": cfg.device}
+                "seed": cfg.seed, "extra": list(cfg.extra_train_args), "device": cfg.device, "bc": cfg.compare_bc}
     if stage == "eval":
         return {"train": upstream_id(cfg, "train"), "episodes": cfg.eval_episodes, "tasks": list(cfg.tasks),
                 "max_episode_steps": cfg.max_episode_steps}
@@ -132,7 +135,8 @@ def record(cfg: DemoConfig) -> dict[str, Any]:
     from q_transformer_ros.contract import load_contract  # noqa: PLC0415
 
     plan = cfg.record_plan()
-    have = {(r.task, r.seed, r.noise): r for r in read_records(cfg.record_log) if r.source and Path(r.source).exists()}
+    have = {(r.task, r.seed, r.noise): r for r in read_records(cfg.record_log)
+            if r.source and Path(r.source).exists() and r.operator == cfg.operator_for(r.seed)}
     done = [have[k] for k in plan if k in have]
     todo = [k for k in plan if k not in have]
     if done:
@@ -157,11 +161,13 @@ def record(cfg: DemoConfig) -> dict[str, Any]:
             try:
                 for task, seed, noise in todo:
                     nodes.check_alive()
-                    ros.driver.set_parameters("expert", {"noise_std": float(noise)})
-                    ros.recorder.prefix = f"{task}_seed{seed:03d}_noise{noise:g}"
+                    operator = cfg.operator_for(seed)
+                    ros.driver.set_parameters("expert", {"noise_std": float(noise), "operator": operator})
+                    ros.recorder.prefix = f"{task}_seed{seed:03d}_noise{noise:g}" + (
+                        "" if operator == "expert" else f"_{operator}")
                     out = ros.driver.run_episode(task, seed, record=True, max_steps=cfg.max_episode_steps)
                     done.append(EpisodeRecord(task=task, seed=seed, success=out.success, noise=float(noise),
-                                              steps=out.steps, source=out.bag or ""))
+                                              steps=out.steps, source=out.bag or "", operator=operator))
                     done.sort(key=lambda r: plan.index((r.task, r.seed, r.noise)))
                     write_records(cfg.record_log, done)
                     bar.set_postfix(task=task, last=out.end_reason, success=f"{sum(r.success for r in done)}/{len(done)}")
@@ -223,10 +229,11 @@ def dataset_records(cfg: DemoConfig) -> list[EpisodeRecord]:
 # 3. train
 # ---------------------------------------------------------------------------------------------
 
-def train_argv(cfg: DemoConfig, dataset: Path, out: Path) -> list[str]:
+def train_argv(cfg: DemoConfig, dataset: Path, out: Path, objective: str | None = None) -> list[str]:
     """``train`` flags for this config (shared with the learning benchmark)."""
     argv = ["--dataset", str(dataset), "--out", str(out), "--steps", str(cfg.train_steps),
-            "--batch-size", str(cfg.batch_size), "--model-preset", cfg.model_preset, "--objective", cfg.objective,
+            "--batch-size", str(cfg.batch_size), "--model-preset", cfg.model_preset,
+            "--objective", objective or cfg.objective,
             "--device", cfg.device, "--seed", str(cfg.seed),
             "--checkpoint-every", str(max(50, cfg.train_steps // 5)),
             "--set", f"warmup_steps={min(100, max(1, cfg.train_steps // 10))}",
@@ -241,7 +248,8 @@ def train_argv(cfg: DemoConfig, dataset: Path, out: Path) -> list[str]:
 
 
 def train(cfg: DemoConfig) -> dict[str, Any]:
-    """Train on the converted dataset (resumes from train/checkpoint.pt after a crash)."""
+    """Train on the converted dataset (resumes from train/checkpoint.pt after a crash); with
+    ``compare_bc`` also behaviour cloning into train_bc/ (same data, network, steps, seed)."""
     from q_transformer_ros.core.trainer import main as train_main  # noqa: PLC0415
 
     if not (cfg.dataset_dir / "manifest.json").exists():
@@ -250,12 +258,16 @@ def train(cfg: DemoConfig) -> dict[str, Any]:
         import torch  # noqa: PLC0415
 
         torch.set_num_threads(cfg.torch_threads)
-    rc = train_main(train_argv(cfg, cfg.dataset_dir, cfg.train_dir))
-    if rc != 0 or not cfg.checkpoint.exists():
-        raise StageError(f"train: the trainer exited with status {rc} (output folder {cfg.train_dir})")
-    last = _last_metrics(cfg.train_dir / "metrics.jsonl")
-    _say(f"train: checkpoint {cfg.checkpoint}; curves {cfg.train_dir / 'metrics.png'}")
-    return {"last_metrics": last}
+    runs = [(cfg.objective, cfg.train_dir, cfg.checkpoint)]
+    if cfg.compare_bc and cfg.objective != "bc":
+        runs.append(("bc", cfg.train_bc_dir, cfg.checkpoint_bc))
+    for objective, folder, checkpoint in runs:
+        _say(f"train: objective {objective} -> {folder}")
+        rc = train_main(train_argv(cfg, cfg.dataset_dir, folder, objective))
+        if rc != 0 or not checkpoint.exists():
+            raise StageError(f"train: the trainer ({objective}) exited with status {rc} (output folder {folder})")
+        _say(f"train: checkpoint {checkpoint}; curves {folder / 'metrics.png'}")
+    return {"last_metrics": _last_metrics(cfg.train_dir / "metrics.jsonl")}
 
 
 def _last_metrics(path: Path) -> dict[str, float]:
@@ -270,51 +282,11 @@ def _last_metrics(path: Path) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------
 
 def evaluate(cfg: DemoConfig) -> dict[str, Any]:
-    """policy_node (the trained checkpoint) drives sim_node on held-out seeds, through ROS topics."""
-    from q_transformer_ros.contract import load_contract  # noqa: PLC0415
-
+    """policy_node (the trained checkpoint) drives sim_node on held-out seeds, through ROS topics; with
+    ``compare_bc`` the cloning checkpoint then drives the same seeds."""
     if not cfg.checkpoint.exists():
         raise StageError(f"eval: no checkpoint at {cfg.checkpoint}; run the train stage")
-    plan = cfg.eval_plan()
-    have = {(r.task, r.seed): r for r in read_records(cfg.eval_log)}
-    done = [have[k] for k in plan if k in have]
-    todo = [k for k in plan if k not in have]
-    if done:
-        _say(f"eval: {len(done)} of {len(plan)} closed-loop episodes already done, {len(todo)} to go")
-    films: list[tuple[EpisodeRecord, list[Any]]] = []
-    if todo:
-        from q_transformer_ros.ros.episode_driver import RosSession  # noqa: PLC0415
-
-        contract = load_contract(cfg.contract)
-        logs = cfg.logs_dir
-        with NodeGroup() as nodes, RosSession(contract, cfg.contract, cfg.domain_id, with_decisions=True) as ros:
-            nodes.start("sim_node", "q_transformer_ros.ros.sim_node", _sim_params(cfg), logs / "eval_sim_node.log", cfg.domain_id)
-            nodes.start("policy_node", "q_transformer_ros.ros.policy_node",
-                        {"checkpoint": str(cfg.checkpoint.resolve()), "device": cfg.device, "enable_on_start": False},
-                        logs / "eval_policy_node.log", cfg.domain_id)
-            _say(f"eval: sim_node + policy_node started (ROS_DOMAIN_ID={cfg.domain_id}, logs in {logs})")
-            if not ros.decisions_available:
-                _say("eval: WARNING: q_transformer_ros/Decision is not built (scripts/colcon_build.sh): "
-                     "no predicted values will be reported")
-            _wait_services(ros, nodes, ["sim", "policy"])
-            waited = ros.driver.warm_up(todo[0][0], 999, policy=True, alive=nodes.check_alive)
-            _say(f"eval: policy -> sim loop connected after {waited:.1f} s")
-            bar = _progress(len(plan), len(done), "closed loop", cfg.progress)
-            try:
-                for task, seed in todo:
-                    nodes.check_alive()
-                    out = ros.driver.run_episode(task, seed, policy=True, keep_frames=True, max_steps=cfg.max_episode_steps)
-                    rec = EpisodeRecord(task=task, seed=seed, success=out.success, steps=out.steps,
-                                        values=[round(v, 5) for v in out.values], source="closed loop")
-                    done.append(rec)
-                    done.sort(key=lambda r: plan.index((r.task, r.seed)))
-                    write_records(cfg.eval_log, done)
-                    films.append((rec, out.frames))
-                    bar.set_postfix(task=task, last=out.end_reason, value=f"{rec.mean_value:.3f}",
-                                    success=f"{sum(r.success for r in done)}/{len(done)}")
-                    bar.update(1)
-            finally:
-                bar.close()
+    done, films = closed_loop(cfg, cfg.checkpoint, cfg.eval_log, "closed loop")
     gif = cfg.out / "closed_loop.gif"
     films = [f for f in films if f[1]]
     if films:
@@ -323,7 +295,64 @@ def evaluate(cfg: DemoConfig) -> dict[str, Any]:
         _say(f"eval: GIF of {rec.task} seed {rec.seed} ({'success' if rec.success else 'failure'}) -> {gif}")
     ok = sum(r.success for r in done)
     _say(f"eval: {ok}/{len(done)} closed-loop episodes successful ({cfg.eval_log})")
-    return {"episodes": len(done), "successes": ok}
+    out = {"episodes": len(done), "successes": ok}
+    if cfg.compare_bc and cfg.checkpoint_bc.exists():
+        bc, _ = closed_loop(cfg, cfg.checkpoint_bc, cfg.eval_bc_log, "closed loop BC", keep_frames=False)
+        out["bc_successes"] = sum(r.success for r in bc)
+        _say(f"eval: behaviour cloning {out['bc_successes']}/{len(bc)} closed-loop episodes successful ({cfg.eval_bc_log})")
+    return out
+
+
+def closed_loop(cfg: DemoConfig, checkpoint: Path, log: Path, label: str,
+                keep_frames: bool = True) -> tuple[list[EpisodeRecord], list[tuple[EpisodeRecord, list[Any]]]]:
+    """Run ``checkpoint`` in a policy_node against sim_node on every seed of the eval plan not yet in
+    ``log`` (resumable); returns all records of the plan and the frames of the episodes run now."""
+    from q_transformer_ros.contract import load_contract  # noqa: PLC0415
+
+    plan = cfg.eval_plan()
+    have = {(r.task, r.seed): r for r in read_records(log)}
+    done = [have[k] for k in plan if k in have]
+    todo = [k for k in plan if k not in have]
+    if done:
+        _say(f"eval: {len(done)} of {len(plan)} {label} episodes already done, {len(todo)} to go")
+    films: list[tuple[EpisodeRecord, list[Any]]] = []
+    if not todo:
+        return done, films
+    from q_transformer_ros.ros.episode_driver import RosSession  # noqa: PLC0415
+
+    contract = load_contract(cfg.contract)
+    logs = cfg.logs_dir
+    tag = "eval" if log == cfg.eval_log else log.stem
+    with NodeGroup() as nodes, RosSession(contract, cfg.contract, cfg.domain_id, with_decisions=True) as ros:
+        nodes.start("sim_node", "q_transformer_ros.ros.sim_node", _sim_params(cfg), logs / f"{tag}_sim_node.log", cfg.domain_id)
+        nodes.start("policy_node", "q_transformer_ros.ros.policy_node",
+                    {"checkpoint": str(checkpoint.resolve()), "device": cfg.device, "enable_on_start": False},
+                    logs / f"{tag}_policy_node.log", cfg.domain_id)
+        _say(f"eval: sim_node + policy_node ({checkpoint}) started (ROS_DOMAIN_ID={cfg.domain_id}, logs in {logs})")
+        if not ros.decisions_available:
+            _say("eval: WARNING: q_transformer_ros/Decision is not built (scripts/colcon_build.sh): "
+                 "no predicted values will be reported")
+        _wait_services(ros, nodes, ["sim", "policy"])
+        waited = ros.driver.warm_up(todo[0][0], 999, policy=True, alive=nodes.check_alive)
+        _say(f"eval: policy -> sim loop connected after {waited:.1f} s")
+        bar = _progress(len(plan), len(done), label, cfg.progress)
+        try:
+            for task, seed in todo:
+                nodes.check_alive()
+                out = ros.driver.run_episode(task, seed, policy=True, keep_frames=keep_frames,
+                                             max_steps=cfg.max_episode_steps)
+                rec = EpisodeRecord(task=task, seed=seed, success=out.success, steps=out.steps,
+                                    values=[round(v, 5) for v in out.values], source=label)
+                done.append(rec)
+                done.sort(key=lambda r: plan.index((r.task, r.seed)))
+                write_records(log, done)
+                films.append((rec, out.frames))
+                bar.set_postfix(task=task, last=out.end_reason, value=f"{rec.mean_value:.3f}",
+                                success=f"{sum(r.success for r in done)}/{len(done)}")
+                bar.update(1)
+        finally:
+            bar.close()
+    return done, films
 
 
 def cfg_rate(cfg: DemoConfig) -> float:
@@ -340,7 +369,10 @@ def report(cfg: DemoConfig) -> dict[str, Any]:
     """Table (data / closed-loop success, value on success vs failure), calibration, plots, timings."""
     data = dataset_records(cfg) or read_records(cfg.record_log)
     evals = read_records(cfg.eval_log)
-    rows = summarize(data, {"QT": evals}, cfg.tasks)
+    policies = {"QT": evals}
+    if cfg.compare_bc and cfg.eval_bc_log.exists():
+        policies["BC"] = read_records(cfg.eval_bc_log)
+    rows = summarize(data, policies, cfg.tasks)
     table = format_table(rows)
     calib = format_calibration([e.mean_value for e in evals], [e.success for e in evals])
     timings = {s: (read_marker(cfg, s) or {}).get("seconds") for s in STAGES if s != "report"}
@@ -352,8 +384,10 @@ def report(cfg: DemoConfig) -> dict[str, Any]:
     }
     lines = ["# Q-Transformer end-to-end demo", "",
              f"tasks {', '.join(cfg.tasks)}; {cfg.episodes_per_task} recorded episodes per task (noise std "
-             f"{', '.join(f'{x:g}' for x in cfg.noise_levels)}), {cfg.train_steps} training steps ({cfg.model_preset}), "
-             f"{cfg.eval_episodes} closed-loop episodes per task on held-out seeds.", "",
+             f"{', '.join(f'{x:g}' for x in cfg.noise_levels)}; operators {', '.join(cfg.operators)}), "
+             f"{cfg.train_steps} training steps ({cfg.model_preset}), "
+             f"{cfg.eval_episodes} closed-loop episodes per task on held-out seeds"
+             + ("; BC: behaviour cloning, same data, network, steps and seeds." if "BC" in policies else "."), "",
              "```", table, "```", "", "Calibration of the closed-loop predicted value (episode mean):", "",
              "```", calib, "```", "", "Stage wall times (s): " +
              ", ".join(f"{s} {t:.0f}" for s, t in timings.items() if isinstance(t, (int, float))), "", "Files:", ""]

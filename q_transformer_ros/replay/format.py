@@ -50,6 +50,10 @@ STEP_ARRAYS: dict[str, np.dtype] = {
 }
 """Per-step arrays of every chunk (besides the frames) and their dtypes; first axis is the step."""
 
+STATE_FILE = "state.npy"
+"""float32 (T, S) raw state inputs (``contract.state_inputs`` order, the sources' units); present in a
+chunk exactly when the dataset's contract declares state inputs."""
+
 
 class DatasetError(ValueError):
     """A dataset that cannot be read or written; the message names the path and what is wrong."""

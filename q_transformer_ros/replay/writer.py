@@ -29,7 +29,7 @@ import numpy as np
 
 from q_transformer_ros.replay.format import (
     ACTIONS_FILE, CHUNKS_DIR, EMBEDDINGS_DIR, LOCK_NAME, MANIFEST_NAME, MANIFEST_TMP_NAME, MC_RETURNS_FILE,
-    NO_INSTRUCTION, REWARDS_FILE, STEP_ARRAYS, TERMINALS_FILE, TMP_PREFIX, TRUNCATED_FILE, ChunkEntry,
+    NO_INSTRUCTION, REWARDS_FILE, STATE_FILE, STEP_ARRAYS, TERMINALS_FILE, TMP_PREFIX, TRUNCATED_FILE, ChunkEntry,
     DatasetError, EpisodeEntry, Manifest, embedding_file, frames_file, fsync_dir, read_manifest,
     write_bytes_atomic, write_manifest,
 )
@@ -64,9 +64,14 @@ class EpisodeData:
     """Optional float32 (T,) rewards. Default sparse: 1 on the last step if ``success`` else 0."""
     metadata: dict[str, Any] = field(default_factory=dict)
     """JSON-serializable extras stored in the manifest's episode entry."""
+    state: np.ndarray | None = None
+    """float32 (T, S) raw state inputs at each step's observation (contract order); required exactly
+    when the contract declares state inputs."""
 
     def __post_init__(self) -> None:
         self.actions = np.asarray(self.actions)
+        if self.state is not None:
+            self.state = np.asarray(self.state)
         if self.actions.ndim != 2:
             raise DatasetError(f"episode {self.name}: actions must be (T, D), got shape {self.actions.shape}")
         self.success = bool(self.success)
@@ -119,6 +124,20 @@ def validate_episode(ep: EpisodeData, contract: RobotContract, where: str) -> No
         t, d = np.argwhere(bad)[0]
         raise DatasetError(f"{who}: step {t}: action dim '{contract.action_dims[d].name}' is "
                            f"{float(ep.actions[t, d])} (NaN/inf in actions)")
+    S = contract.state_dim
+    if S == 0 and ep.state is not None:
+        raise DatasetError(f"{who}: state given, but contract '{contract.name}' declares no state_inputs")
+    if S > 0:
+        names = [s.name for s in contract.state_inputs]
+        if ep.state is None:
+            raise DatasetError(f"{who}: no state given; contract '{contract.name}' declares state inputs {names}")
+        if ep.state.shape != (T, S) or not np.issubdtype(ep.state.dtype, np.number):
+            raise DatasetError(f"{who}: state has shape {ep.state.shape} dtype {ep.state.dtype}, expected "
+                               f"numeric ({T}, {S}) for state inputs {names}")
+        bad = ~np.isfinite(ep.state.astype(np.float32))
+        if bad.any():
+            t, s = np.argwhere(bad)[0]
+            raise DatasetError(f"{who}: step {t}: state input '{names[s]}' is {float(ep.state[t, s])} (NaN/inf in state)")
     if ep.rewards.shape != (T,):
         raise DatasetError(f"{who}: rewards have shape {ep.rewards.shape}, expected ({T},)")
     rew = ep.rewards.astype(np.float32)
@@ -183,6 +202,8 @@ class Transaction:
         for name, dtype in STEP_ARRAYS.items():
             tail = (c.num_action_dims,) if name == ACTIONS_FILE else ()
             self._arrays[name] = _StreamedArray(self.tmp_dir / name, dtype, tail)
+        if c.state_dim:
+            self._arrays[STATE_FILE] = _StreamedArray(self.tmp_dir / STATE_FILE, np.dtype(np.float32), (c.state_dim,))
         self.episodes: list[EpisodeEntry] = []
         self.new_instructions: list[str] = []
         self.skipped: list[str] = []
@@ -218,6 +239,8 @@ class Transaction:
         for cam in w.contract.cameras:
             self._arrays[frames_file(cam.name)].append(ep.frames[cam.name])
         self._arrays[ACTIONS_FILE].append(ep.actions.astype(np.float32))
+        if ep.state is not None:
+            self._arrays[STATE_FILE].append(ep.state.astype(np.float32))
         self._arrays[REWARDS_FILE].append(rewards)
         self._arrays[TERMINALS_FILE].append(terminals)
         self._arrays[TRUNCATED_FILE].append(truncated)

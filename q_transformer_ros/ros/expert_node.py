@@ -11,8 +11,10 @@ Float64MultiArray gripper for ``config/contract_ee_arm.yaml``): the scripted act
 noise of std ``noise_std``, clipped to [-1, 1]. The sim publishes one observation per control step,
 so the expert answers at the control rate, one step behind, like a teleoperator looking at the robot.
 
-``noise_std`` may be changed while running (``~/set_parameters``), e.g. per episode to record
-expert, noisy and failed episodes.
+``noise_std`` and ``operator`` may be changed while running (``~/set_parameters``), e.g. per episode
+to record expert, noisy and failed episodes. ``operator`` makes a deliberate mistake
+(``sim.operators``: wrong_target, stop_short, release_early), drawn anew at each episode start (each
+message on the task topic).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from q_transformer_ros.ros.params import declare
 from q_transformer_ros.ros.runner import print_help_if_asked, spin_node
 from q_transformer_ros.ros.sim_node import default_contract_path
 from q_transformer_ros.sim.metaworld_env import OBS_DIM, ScriptedExpert, contract_action_order
+from q_transformer_ros.sim.operators import OPERATOR_STYLES, ScriptedOperator
 
 NODE_NAME = "expert_node"
 
@@ -40,6 +43,7 @@ NODE_NAME = "expert_node"
 USAGE = ('expert_node [-h] --ros-args'
          ' [-p contract:=CONTRACT.yaml]'
          ' [-p noise_std:=0.3]'
+         ' [-p operator:=expert|wrong_target|stop_short|release_early]'
          ' [-p seed:=N]'
          ' [-p task:=TASK]')
 
@@ -55,6 +59,9 @@ class ExpertNode(Node):
         self._groups = group_outputs(self.contract)
         self._pubs = {g.topic: self.create_publisher(message_class(g.msg_type), g.topic, COMMAND_QOS) for g in self._groups}
         self.expert: ScriptedExpert | None = None
+        self.operator: ScriptedOperator | None = None
+        self.episode_step = 0
+        self._episodes = 0
         self.commands_sent = 0
         task = self.get_parameter("task").value
         if task:
@@ -75,7 +82,9 @@ class ExpertNode(Node):
         d("contract", "", "Robot contract YAML (command topics); empty = config/contract_ee_arm.yaml.")
         d("noise_std", 0.0, "Std of the Gaussian noise added to each action dim (action units, actions in [-1, 1]).",
           read_only=False)
-        d("seed", -1, "Seed of the noise generator; -1 = fresh entropy.")
+        d("operator", "expert", f"Operator style {OPERATOR_STYLES}: the expert, or the expert making one deliberate "
+          "mistake per episode (sim/operators.py).", read_only=False)
+        d("seed", -1, "Seed of the noise generator (and of the operator's mistakes); -1 = fresh entropy.")
         d("task", "", "Meta-World task; empty = follow the sim node's task topic.")
         d("task_topic", "/sim_node/task", "Latched std_msgs/String topic with the sim's task name.")
         d("observation_topic", "/sim_node/observation", "std_msgs/Float64MultiArray topic with the 39-d observation.")
@@ -84,6 +93,8 @@ class ExpertNode(Node):
         for p in params:
             if p.name == "noise_std" and not (np.isfinite(p.value) and p.value >= 0):
                 return SetParametersResult(successful=False, reason=f"noise_std {p.value} must be finite and >= 0")
+            if p.name == "operator" and p.value not in OPERATOR_STYLES:
+                return SetParametersResult(successful=False, reason=f"operator {p.value!r}: choose one of {OPERATOR_STYLES}")
         return SetParametersResult(successful=True)
 
     def _set_task(self, task: str) -> None:
@@ -94,6 +105,7 @@ class ExpertNode(Node):
         self.get_logger().info(f"scripted policy for task {task}")
 
     def _on_task(self, msg: String) -> None:
+        self._start_episode()  # the sim publishes its task at every episode start
         if self.get_parameter("task").value:  # a fixed task parameter wins
             return
         try:
@@ -111,7 +123,20 @@ class ExpertNode(Node):
                                       throttle_duration_sec=2.0)
             return
         self.expert.noise_std = float(self.get_parameter("noise_std").value)
-        self.publish_action(self.expert.act(obs))
+        action = self.expert.act(obs)
+        if self.operator is not None:
+            action = self.operator.act(self.episode_step, obs[:3], action)  # obs[0:3]: hand position
+        self.episode_step += 1
+        self.publish_action(action)
+
+    def _start_episode(self) -> None:
+        """Episode start: step 0, and the operator's mistake for this episode (seeded per episode)."""
+        self.episode_step = 0
+        self._episodes += 1
+        style = self.get_parameter("operator").value
+        seed = self.get_parameter("seed").value
+        self.operator = None if style == "expert" else ScriptedOperator(
+            style, seed=None if seed < 0 else seed * 1_000_003 + self._episodes)
 
     def publish_action(self, sim_action: np.ndarray) -> None:
         """Publish a Meta-World action (dx, dy, dz, gripper) on the contract's command topics."""

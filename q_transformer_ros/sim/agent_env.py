@@ -14,9 +14,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from einops import rearrange
 
-from q_transformer_ros.core.agent import BaseEnvironment, Observation
 from q_transformer_ros.contract import RobotContract
-from q_transformer_ros.sim.metaworld_env import MetaWorldEnv, ScriptedExpert, SimConfig, contract_action_order, resolve_cameras
+from q_transformer_ros.core.agent import BaseEnvironment
+from q_transformer_ros.observation import Observation
+from q_transformer_ros.sim.metaworld_env import (
+    MetaWorldEnv, ScriptedExpert, SimConfig, contract_action_order, resolve_cameras, sim_state_reader,
+)
+from q_transformer_ros.sim.operators import ScriptedOperator
 from q_transformer_ros.sim.tasks import TASK_INSTRUCTIONS
 
 
@@ -41,19 +45,23 @@ class MetaWorldEnvironment(BaseEnvironment):
         self.max_episode_steps = max_episode_steps
         self._order = contract_action_order([d.name for d in contract.action_dims], where=f"contract '{contract.name}'")
         self.camera_map = resolve_cameras([c.name for c in contract.cameras], camera_map)
+        self._state = sim_state_reader([s.name for s in contract.state_inputs], where=f"contract '{contract.name}'")
         self.name = "metaworld[" + ",".join(tasks) + "]"
         self._envs: dict[str, MetaWorldEnv] = {}
         self.env: MetaWorldEnv | None = None
         self.noise_seed = noise_seed
         self._experts: dict[str, ScriptedExpert] = {}
+        self._operator: ScriptedOperator | None = None
+        self._episode_seed = 0
 
     def task_for_seed(self, seed: int) -> str:
         return self.tasks[seed % len(self.tasks)]
 
     def _observe(self) -> Observation:
         assert self.env is not None
-        return {cam.name: rearrange(self.env.render(self.camera_map[cam.name], cam.height, cam.width), "h w c -> c h w").copy()
-                for cam in self.contract.cameras}
+        frames = {cam.name: rearrange(self.env.render(self.camera_map[cam.name], cam.height, cam.width), "h w c -> c h w").copy()
+                  for cam in self.contract.cameras}
+        return Observation(frames=frames, state=self._state(self.env))
 
     def reset(self, seed: int | None = None) -> tuple[str | None, Observation]:
         seed = 0 if seed is None else int(seed)
@@ -65,6 +73,7 @@ class MetaWorldEnvironment(BaseEnvironment):
                                                       max_episode_steps=self.max_episode_steps))
         self.env = self._envs[task]
         self.env.reset(seed)
+        self._episode_seed, self._operator = seed, None
         return self.env.instruction, self._observe()
 
     def step(self, action: np.ndarray) -> tuple[Observation, float, bool, bool, dict[str, Any]]:
@@ -78,9 +87,10 @@ class MetaWorldEnvironment(BaseEnvironment):
         info = {"success": result.success, "task": self.env.task_name, "steps": self.env.steps}
         return self._observe(), float(result.success), result.success, self.env.truncated and not result.success, info
 
-    def expert_action(self, noise_std: float = 0.0) -> np.ndarray:
+    def expert_action(self, noise_std: float = 0.0, style: str = "expert") -> np.ndarray:
         """The scripted expert's action (+ Gaussian noise) for the current state, in the contract's
-        dim order: for collecting demonstrations without ROS. Noise is drawn from ``noise_seed``."""
+        dim order: for collecting demonstrations without ROS. Noise is drawn from ``noise_seed``.
+        ``style``: an operator style of ``sim.operators`` (a deliberate mistake drawn per episode)."""
         if self.env is None:
             raise RuntimeError("MetaWorldEnvironment.expert_action before reset")
         expert = self._experts.get(self.env.task_name)
@@ -88,6 +98,10 @@ class MetaWorldEnvironment(BaseEnvironment):
             expert = self._experts[self.env.task_name] = self.env.expert(0.0, self.noise_seed)
         expert.noise_std = float(noise_std)
         sim_action = expert.act(self.env.obs)
+        if style != "expert" or self._operator is not None:
+            if self._operator is None or self._operator.style != style:
+                self._operator = ScriptedOperator(style, seed=(self.noise_seed or 0) * 1_000_003 + self._episode_seed)
+            sim_action = self._operator.act(self.env.steps, self.env.ee_position, sim_action)
         out = np.zeros(len(self.contract.action_dims), dtype=np.float32)
         out[self._order] = sim_action
         return out

@@ -33,7 +33,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")  # must precede the first `import mujo
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -398,3 +398,27 @@ def resolve_cameras(contract_cameras: Sequence[str], overrides: Mapping[str, str
             raise ValueError(f"camera map: contract camera {name!r} -> {mw!r} is no Meta-World camera; cameras are {CAMERAS}")
         out[name] = mw
     return out
+
+
+SIM_STATE_INPUTS: dict[str, Callable[["MetaWorldEnv"], float]] = {
+    "ee_x": lambda env: float(env.ee_position[0]),
+    "ee_y": lambda env: float(env.ee_position[1]),
+    "ee_z": lambda env: float(env.ee_position[2]),
+    "gripper": lambda env: env.gripper_opening,
+}
+"""The arm state the sim knows, by contract state-input name (what sim_node publishes as ROS messages:
+the end-effector position and the gripper opening)."""
+
+
+def sim_state_reader(state_names: Sequence[str], where: str = "contract") -> Callable[["MetaWorldEnv"], np.ndarray | None]:
+    """A function env -> float32 (S,) state in the contract's order (None for a contract without state);
+    a state input the sim cannot provide is an error naming it."""
+    names = list(state_names)
+    unknown = [n for n in names if n not in SIM_STATE_INPUTS]
+    if unknown:
+        raise ValueError(f"{where}: state inputs {unknown} are not provided by the Meta-World sim; it provides "
+                         f"{sorted(SIM_STATE_INPUTS)}")
+    if not names:
+        return lambda env: None
+    getters = [SIM_STATE_INPUTS[n] for n in names]
+    return lambda env: np.array([g(env) for g in getters], dtype=np.float32)

@@ -30,9 +30,8 @@ class FakePolicy:
     def reset(self, instruction):
         self.instructions.append(instruction)
 
-    def push_frames(self, frames):
-        for c in self.contract.cameras:
-            assert frames[c.name].shape == (3, c.height, c.width) and frames[c.name].dtype == np.uint8
+    def push(self, obs):
+        obs.check(self.contract)
         self.pushed += 1
 
     def decide(self):
@@ -76,10 +75,11 @@ def test_mock_environment_is_deterministic_per_seed():
     o1b, *_ = env.step(np.zeros(3, np.float32))
     ins2, o2 = env.reset(seed=5)
     o2b, *_ = env.step(np.zeros(3, np.float32))
-    assert ins1 == ins2 and np.array_equal(o1["cam0"], o2["cam0"]) and np.array_equal(o1b["cam0"], o2b["cam0"])
-    assert not np.array_equal(o1["cam0"], o1b["cam0"])  # frames change over time
+    assert ins1 == ins2 and np.array_equal(o1.frames["cam0"], o2.frames["cam0"])
+    assert np.array_equal(o1b.frames["cam0"], o2b.frames["cam0"])
+    assert not np.array_equal(o1.frames["cam0"], o1b.frames["cam0"])  # frames change over time
     _, o3 = env.reset(seed=6)
-    assert not np.array_equal(o1["cam0"], o3["cam0"])
+    assert not np.array_equal(o1.frames["cam0"], o3.frames["cam0"])
     with pytest.raises(ValueError, match=r"action shape \(2,\), expected \(3,\)"):
         env.step(np.zeros(2, np.float32))
 
@@ -137,3 +137,23 @@ def test_agent_config_validation():
         AgentConfig(max_steps=0)
     with pytest.raises(ValueError, match="explore_dims"):
         AgentConfig(explore_dims="some")
+
+
+def test_agent_records_the_state_inputs_it_observed(tmp_path: Path):
+    """With state inputs the environment's observations carry them, the policy gets them, and the
+    stored episode holds exactly the states the policy saw, step by step."""
+    c = tiny_contract(state_dim=2)
+    seen = []
+
+    class Recording(FakePolicy):
+        def push(self, obs):
+            super().push(obs)
+            seen.append(obs.state.copy())
+
+    report = Agent(Recording(c), MockEnvironment(c, horizon=(4, 4)), c,
+                   AgentConfig(num_episodes=1, max_steps=10, epsilon_start=0.0, epsilon_end=0.0, progress=False)
+                   ).collect(tmp_path / "ds")
+    assert report.episodes_added == 1
+    stored = ReplayDataset(tmp_path / "ds").episode(0).state
+    assert stored.shape == (4, 2)
+    np.testing.assert_array_equal(stored, np.stack(seen))

@@ -246,6 +246,19 @@ def test_learning_step_bc_objective():
     assert "bc/accuracy" in m
 
 
+def test_learning_step_auxiliary_cloning_term_adds_weighted_cross_entropy():
+    online, target = TableQNet(make_table(k=1, fill=0.5)), TableQNet(make_table(k=1, fill=0.1))
+    batch = _batch([0], [1], [[0, 1, 0]], [[0.0]], [0.9], [0.3])
+    plain, _ = learning_step(batch, online, target, None, LearnerConfig(discount=0.9, cond_drop_prob=0.0))
+    cfg = LearnerConfig(discount=0.9, cond_drop_prob=0.0, bc_weight=0.5)
+    loss, m = learning_step(batch, online, target, None, cfg)
+    ce = (2 * math.log(3) + math.log(2)) / 3  # equal logits over the valid bins, as in the bc objective
+    assert m["losses/bc_loss"].item() == pytest.approx(ce, abs=1e-5)
+    assert loss.item() == pytest.approx(plain.item() + 0.5 * ce, abs=1e-5)
+    with pytest.raises(ValueError, match="bc_weight"):
+        LearnerConfig(bc_weight=-1.0)
+
+
 def test_target_updates():
     online = TableQNet(make_table(fill=0.5))
     target = make_target_network(online)

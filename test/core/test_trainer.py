@@ -42,6 +42,15 @@ def args(ds: Path, out: Path, *extra: str) -> list[str]:
     return ["--config", str(TINY_YAML), "--dataset", str(ds), "--out", str(out), "--no-progress", *SMALL_MODEL, *extra]
 
 
+def tensorboard_scalars(run_dir: Path, key: str) -> list[tuple[int, float]]:
+    """(step, value) of one scalar as TensorBoard itself reads the run's event files (purges applied)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(key)]
+
+
 def test_train_writes_checkpoint_metrics_plot(tmp_path, capsys):
     ds = make_dataset(tmp_path / "ds")
     out = tmp_path / "run"
@@ -63,11 +72,23 @@ def test_train_writes_checkpoint_metrics_plot(tmp_path, capsys):
                 "charts/samples_per_s", "lr"):
         assert all(np.isfinite(r[key]) for r in records), key
     assert (out / "metrics.png").stat().st_size > 1000
+    # TensorBoard reads the same scalars under the same keys
+    for key in ("losses/td_loss", "q/mean_q", "lr", "charts/samples_per_s"):
+        got = tensorboard_scalars(out, key)
+        assert [s for s, _ in got] == [1, 2, 3, 4], key
+        np.testing.assert_allclose([v for _, v in got], [r[key] for r in records], rtol=1e-6, err_msg=key)
     # warm-up: lr rises over the first steps
     assert records[0]["lr"] < records[2]["lr"]
     # text embeddings were cached in the dataset for the next run
     manifest = json.loads((ds / "manifest.json").read_text())
     assert manifest["text_embeddings"]
+
+
+def test_no_tensorboard_writes_no_event_files(tmp_path):
+    ds = make_dataset(tmp_path / "ds")
+    res = train(config_from_args(args(ds, tmp_path / "r", "--steps", "2", "--batch-size", "8", "--no-tensorboard")))
+    assert res.metrics.is_file()
+    assert not list((tmp_path / "r").glob("events.out.tfevents.*"))
 
 
 def test_behaviour_cloning_objective(tmp_path):
@@ -125,6 +146,11 @@ def test_killed_run_resumes_to_identical_parameters(tmp_path, monkeypatch):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=lambda m, k=k: f"{k}: {m}")
     assert [r["step"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl")] == list(range(1, 8))
+    # TensorBoard too: the killed run's step 4 was purged, the resumed run's steps 4..7 kept, once each
+    tb = tensorboard_scalars(tmp_path / "b", "losses/loss")
+    assert [s for s, _ in tb] == list(range(1, 8))
+    np.testing.assert_allclose([v for _, v in tb], [v for _, v in tensorboard_scalars(tmp_path / "a", "losses/loss")],
+                               rtol=1e-6)
     # and the run did learn something: parameters moved from their init
     assert resumed.param_checksum != pytest.approx(0.0)
 

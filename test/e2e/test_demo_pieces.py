@@ -119,6 +119,12 @@ def test_config_checks_and_plans(tmp_path: Path) -> None:
     assert len(plan) == 6 and plan[:3] == [("reach-v3", 0, 0.0), ("reach-v3", 1, 1.0), ("reach-v3", 2, 0.0)]
     assert plan[3] == ("push-v3", 0, 0.0)
     assert {s for _, s in cfg.eval_plan()}.isdisjoint({s for _, s, _ in plan})
+    mixed = DemoConfig(out=tmp_path, tasks=("reach-v3",), episodes_per_task=6, noise_levels=(0.0, 1.0),
+                       operators=("expert", "wrong_target", "stop_short"))
+    assert [mixed.operator_for(s) for _, s, _ in mixed.record_plan()] == ["expert", "wrong_target", "stop_short"] * 2
+    assert [n for _, _, n in mixed.record_plan()] == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]  # every style at every noise
+    with pytest.raises(ValueError, match="operators"):
+        DemoConfig(out=tmp_path, operators=("sloppy",))
     assert min(s for _, s in cfg.eval_plan()) == EVAL_SEED_OFFSET
     from q_transformer_ros.contract import load_contract
 

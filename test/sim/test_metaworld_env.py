@@ -178,7 +178,7 @@ def test_agent_collects_through_the_adapter(tmp_path: Path) -> None:
     try:
         instruction, obs = env.reset(1)
         assert instruction == "open the drawer"
-        assert obs["front"].shape == (3, 64, 64) and obs["front"].dtype == np.uint8
+        assert obs.frames["front"].shape == (3, 64, 64) and obs.frames["front"].dtype == np.uint8
         action = env.expert_action()
         assert action.shape == (4,)
         report = Agent(None, env, contract, AgentConfig(num_episodes=2, max_steps=6, progress=False)).collect(tmp_path / "ds")

@@ -35,6 +35,9 @@ class ModelConfig:
     """Bins per action dim; the head has A = max(action_bins) outputs and masks the rest (``bin_mask``)."""
     text_dim: int = 512
     """Width T of the instruction embedding (the text encoder's output dim)."""
+    state_dim: int = 0
+    """Robot-state inputs S (the contract's ``state_inputs``, normalised): one state token per time
+    step in the history transformer. 0: cameras only."""
     dim: int = 16
     """Channels of the first MaxViT stage; stage s has ``dim * 2**s`` channels, the last one is the
     token width D used by the history transformer and the action head."""
@@ -96,6 +99,8 @@ class ModelConfig:
             v = getattr(self, key)
             if not _is_int(v) or v < 1:
                 raise self._bad(key, "must be an integer >= 1")
+        if not _is_int(self.state_dim) or self.state_dim < 0:
+            raise self._bad("state_dim", "must be an integer >= 0")
         for key in ("transformer_depth", "head_depth"):
             v = getattr(self, key)
             if not _is_int(v) or v < 1:
@@ -173,6 +178,11 @@ class ModelConfig:
         """Tokens of one time step: cameras x TokenLearner tokens."""
         return self.num_cameras * self.tokens_per_frame
 
+    @property
+    def history_tokens_per_step(self) -> int:
+        """Tokens of one time step in the history transformer: the frame tokens, plus the state token."""
+        return self.tokens_per_step + (1 if self.state_dim else 0)
+
     # -- serialization ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -221,7 +231,7 @@ class ModelConfig:
                 )
             base.update(image_size=sizes.pop(), num_cameras=len(contract.cameras),
                         frame_history=contract.frame_history, num_action_dims=contract.num_action_dims,
-                        action_bins=tuple(contract.action_bins))
+                        action_bins=tuple(contract.action_bins), state_dim=contract.state_dim)
         base.update(overrides)
         if "window_size" not in overrides:
             base["window_size"] = _fit_window(base["image_size"], len(base["depth"]), base["window_size"])

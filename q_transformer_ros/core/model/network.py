@@ -1,8 +1,11 @@
 """QTransformerNet: the bare Q-Transformer network (no preprocessing besides uint8 -> float).
 
 Pipeline: camera frames -> FiLM-conditioned MaxViT -> TokenLearner (K tokens per frame) ->
-+camera/time embeddings -> block-causal history transformer (state tokens) -> autoregressive action
-head(s) with cross-attention to the state -> per-dim, per-bin Q logits.
++camera/time embeddings, plus one token per time step from the robot's state inputs (``proprio``:
+the contract's ``state_inputs``, normalised, through an MLP) -> block-causal history transformer
+(the "state" tokens of the Q-function) -> autoregressive action head(s) with cross-attention to the
+state -> per-dim, per-bin Q logits. ("state" below is the transformer's output, the Q-function's
+state; the robot's joint/pose readings are called ``proprio`` to keep the two apart.)
 
 The split into ``encode_frames`` / ``encode_state`` / ``q_logits`` / ``decode`` exists for speed:
 the policy encodes each new frame once and keeps its tokens (streaming), a decision then runs only
@@ -12,7 +15,7 @@ cross-attention K/V once.
 einops legend: ``b`` batch, ``c`` cameras, ``f`` frames (history), ``k`` TokenLearner tokens per
 frame, ``d`` token width D, ``t`` text width T, ``s`` state tokens (f c k), ``n`` action dims,
 ``a`` action bins (A = max over dims), ``v`` value bins (HL-Gauss), ``q`` critics (1 or 2),
-``w`` beams, ``h w`` image height/width (in ``(b, 3, h, w)``).
+``w`` beams, ``h w`` image height/width (in ``(b, 3, h, w)``), ``p`` state inputs S.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ class QTransformerNet(nn.Module):
         self.vit = MaxViT(cfg, cond_dim=d)
         self.token_learner = TokenLearner(d, cfg.tokens_per_frame)
         self.camera_embed = nn.Parameter(torch.randn(cfg.num_cameras, d) * 0.02)
+        self.proprio_net = (nn.Sequential(nn.Linear(cfg.state_dim, d), nn.SiLU(), nn.Linear(d, d))
+                            if cfg.state_dim else None)
         self.register_buffer("time_embed", sincos_embedding(cfg.frame_history, d) * 0.1, persistent=False)
         self.history = HistoryTransformer(cfg, cond_dim=d)
         bins = torch.tensor(cfg.action_bins)
@@ -83,8 +88,11 @@ class QTransformerNet(nn.Module):
         feats = self.vit(self.normalize(images), cond)
         return self.token_learner(feats)
 
-    def encode_state(self, frame_tokens: Tensor, text_embed: Tensor | None, text_mask: Tensor | None = None) -> Tensor:
-        """frame_tokens ``(b, f, c*k, d)`` (oldest frame first) -> state ``(b, f*c*k, d)``, block-causal over f."""
+    def encode_state(self, frame_tokens: Tensor, text_embed: Tensor | None, text_mask: Tensor | None = None,
+                     proprio: Tensor | None = None) -> Tensor:
+        """frame_tokens ``(b, f, c*k, d)`` (oldest frame first), robot state ``proprio`` ``(b, f, p)``
+        (normalised; required exactly when ``state_dim`` > 0) -> state ``(b, f*(c*k [+1]), d)``,
+        block-causal over f."""
         cfg = self.cfg
         b, f, ck, d = frame_tokens.shape
         if ck != cfg.tokens_per_step or d != cfg.embed_dim or not 1 <= f <= cfg.frame_history:
@@ -92,13 +100,24 @@ class QTransformerNet(nn.Module):
                 f"encode_state: frame_tokens have shape {tuple(frame_tokens.shape)}, expected "
                 f"(batch, 1..{cfg.frame_history}, {cfg.tokens_per_step}, {cfg.embed_dim})"
             )
+        time = self.time_embed[:f]
         x = rearrange(frame_tokens, "b f (c k) d -> b f c k d", c=cfg.num_cameras)
-        x = x + rearrange(self.camera_embed, "c d -> 1 1 c 1 d") + rearrange(self.time_embed[:f], "f d -> 1 f 1 1 d")
-        x = rearrange(x, "b f c k d -> b (f c k) d")
-        key = (f, ck, x.device)
+        x = x + rearrange(self.camera_embed, "c d -> 1 1 c 1 d") + rearrange(time, "f d -> 1 f 1 1 d")
+        x = rearrange(x, "b f c k d -> b f (c k) d")
+        if self.proprio_net is not None:
+            if proprio is None or tuple(proprio.shape) != (b, f, cfg.state_dim):
+                got = None if proprio is None else tuple(proprio.shape)
+                raise ValueError(f"encode_state: proprio (robot state) has shape {got}, expected ({b}, {f}, {cfg.state_dim})")
+            p = self.proprio_net(proprio.to(x.dtype)) + rearrange(time, "f d -> 1 f d")
+            x = torch.cat((x, rearrange(p, "b f d -> b f 1 d")), dim=2)
+        elif proprio is not None and proprio.shape[-1] != 0:
+            raise ValueError(f"encode_state: proprio of shape {tuple(proprio.shape)} given to a model without state inputs")
+        per_step = x.shape[2]
+        x = rearrange(x, "b f t d -> b (f t) d")
+        key = (f, per_step, x.device)
         mask = self._mask_cache.get(key)
         if mask is None:  # built once per (frames, tokens, device): constant, no need to rebuild per decision
-            mask = self._mask_cache[key] = block_causal_mask(f, ck, device=x.device)
+            mask = self._mask_cache[key] = block_causal_mask(f, per_step, device=x.device)
         cond = self.condition(text_embed, text_mask, b)
         return self.history(x, cond, mask)
 
@@ -108,8 +127,10 @@ class QTransformerNet(nn.Module):
     conditioning) is then encoded once (``frame_dedup``). Off by default: finding repeats costs 0.3-0.9 ms
     per call on CPU (2-64 images of 64², 6 of 224², 1 thread), a loss where there are none (a policy's ``act``)."""
 
-    def encode(self, frames: Tensor, text_embed: Tensor | None, text_mask: Tensor | None = None) -> Tensor:
-        """frames ``(b, c, f, 3, h, w)`` -> state ``(b, f*c*k, d)`` (full recomputation)."""
+    def encode(self, frames: Tensor, text_embed: Tensor | None, text_mask: Tensor | None = None,
+               proprio: Tensor | None = None) -> Tensor:
+        """frames ``(b, c, f, 3, h, w)`` (+ ``proprio`` ``(b, f, p)``) -> state ``(b, f*(c*k [+1]), d)``
+        (full recomputation)."""
         cfg = self.cfg
         if frames.ndim != 6 or frames.shape[1] != cfg.num_cameras or frames.shape[3:] != (3, *cfg.image_size):
             raise ValueError(
@@ -135,7 +156,7 @@ class QTransformerNet(nn.Module):
         if distinct is not None:
             tokens = tokens[distinct.inverse]
         tokens = rearrange(tokens, "(b c f) k d -> b f (c k) d", b=b, c=c)
-        return self.encode_state(tokens, text_embed, text_mask)
+        return self.encode_state(tokens, text_embed, text_mask, proprio)
 
     ENCODE_CHUNK_PIXELS = 2 * 224 * 224
     """Inference on CPU encodes at most this many pixels of images at once: MaxViT's full-resolution
@@ -196,15 +217,17 @@ class QTransformerNet(nn.Module):
         text_mask: Tensor | None,
         action_bins: Tensor,
         cond_drop_prob: float = 0.0,
+        proprio: Tensor | None = None,
     ) -> Tensor:
-        """frames ``(b, c, f, 3, h, w)`` uint8, text ``(b, t)``, mask ``(b,)``, bins ``(b, n)`` ->
-        logits ``(q, b, n, a[, v])``. With ``cond_drop_prob`` > 0 each row's instruction is replaced by
-        the learned null embedding with that probability (classifier-free conditioning dropout)."""
+        """frames ``(b, c, f, 3, h, w)`` uint8, text ``(b, t)``, mask ``(b,)``, bins ``(b, n)``, robot
+        state ``proprio`` ``(b, f, p)`` normalised (models with ``state_dim`` > 0) -> logits
+        ``(q, b, n, a[, v])``. With ``cond_drop_prob`` > 0 each row's instruction is replaced by the
+        learned null embedding with that probability (classifier-free conditioning dropout)."""
         b = frames.shape[0]
         if cond_drop_prob > 0:
             keep = torch.rand(b, device=frames.device) >= cond_drop_prob
             text_mask = keep if text_mask is None else (text_mask.to(torch.bool) & keep)
-        state = self.encode(frames, text_embed, text_mask)
+        state = self.encode(frames, text_embed, text_mask, proprio)
         return self.q_logits(state, action_bins)
 
     # -- decoding -----------------------------------------------------------------------------------
