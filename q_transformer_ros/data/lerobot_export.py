@@ -5,11 +5,12 @@ recorder and converter captured from ROS. Written by this package, not by the ``
 test opens the result with the real ``LeRobotDataset``). Per replay episode, one LeRobot episode:
 
 - ``observation.images.<camera>``: video (mp4, default AV1 as LeRobot records), the stored frames;
+- ``observation.state``: float32 ``(S,)`` raw state inputs, when the contract declares them;
 - ``action``: float32 ``(D,)`` continuous, contract units, ``names`` = the contract's dim names;
 - ``next.reward`` float32, ``next.success`` (True on the last frame of a successful episode),
   ``next.done`` (True on the last frame of a terminal episode), ``next.truncated`` (True on the last
   frame of a truncated one): what ``lerobot_import`` reads back, so ours -> LeRobot -> ours keeps
-  actions, rewards, terminals and instructions exactly (``--reward next.reward`` on import);
+  actions, state, rewards, terminals and instructions exactly (``--reward next.reward`` on import);
 - the task is the instruction (an episode without one gets the empty task ``""``).
 
 The folder is written under a temporary name next to ``--out`` and renamed into place when complete:
@@ -103,6 +104,8 @@ def lerobot_features(reader: ReplayReader, cfg: ExportConfig, fps: float) -> dic
                      "video.pix_fmt": "yuv420p", "video.is_depth_map": False, "video.fps": fps,
                      "video.channels": 3, "has_audio": False},
         }
+    if c.state_inputs:
+        feats["observation.state"] = {"dtype": "float32", "shape": [c.state_dim], "names": [s.name for s in c.state_inputs]}
     feats["action"] = {"dtype": "float32", "shape": [c.num_action_dims], "names": [d.name for d in c.action_dims]}
     feats["next.reward"] = {"dtype": "float32", "shape": [1], "names": None}
     for flag in ("next.done", "next.success", "next.truncated"):
@@ -283,7 +286,8 @@ def export_lerobot(dataset: str | Path, out: str | Path, cfg: ExportConfig = Exp
                     tasks.append(task)
                 last = np.zeros(T, dtype=bool)
                 last[-1] = True
-                rows = {
+                rows = {} if ep.state is None else {"observation.state": np.asarray(ep.state, dtype=np.float32)}
+                rows |= {
                     "action": np.asarray(ep.actions, dtype=np.float32),
                     "next.reward": np.asarray(ep.rewards, dtype=np.float32),
                     "next.done": np.asarray(ep.terminals, dtype=bool),

@@ -1,9 +1,9 @@
 """Local LeRobot datasets (v2.1, v3.0) -> replay dataset (``lerobot_import``), per the robot contract.
 
-Driven by the contract (camera sizes, action dims and ranges, control rate, instruction rules) plus a
-small mapping (``ImportMapping``, docs/lerobot.md): which ``observation.images.*`` feature is which
-contract camera, which entries of the ``action`` vector are which action dims, where success and
-rewards come from. Per dataset:
+Driven by the contract (camera sizes, action dims and ranges, state inputs, control rate, instruction
+rules) plus a small mapping (``ImportMapping``, docs/lerobot.md): which ``observation.images.*`` feature
+is which contract camera, which entries of the ``action`` and ``observation.state`` vectors are which
+action dims and state inputs, where success and rewards come from. Per dataset:
 
 1. ``open_lerobot`` reads ``meta/`` (either version) and locates each episode's rows and video segment;
 2. per episode, ``episode_rows`` reads the needed columns, ``episode_label`` decides success the same
@@ -75,7 +75,10 @@ class ImportMapping:
     """Contract action dim -> index in the action vector, or an entry of the feature's ``names``.
     Default: the contract's dims in order, ``0 .. D-1``."""
     state: str | None = None
-    """The state feature (``observation.state``); used only when the contract declares state inputs."""
+    """The state feature (default ``observation.state``); read when the contract declares state inputs."""
+    state_dims: dict[str, int | str] = field(default_factory=dict)
+    """Contract state input -> index in the state vector, or an entry of the feature's ``names``.
+    Default: the contract's state inputs in order, ``0 .. S-1``."""
     success: str = "auto"
     """``auto`` (``next.success``, else ``next.done``), ``none``, or a column: a bool column (first True =
     success), ``next.done`` (success when the last frame is done), or a number column with ``success_threshold``."""
@@ -131,6 +134,12 @@ def parse_mapping(data: Any, where: str = "<mapping>") -> ImportMapping:
     kw["action_dims"] = {str(k): v for k, v in dims.items()}
     state = data.get("state")
     if isinstance(state, dict):
+        if set(state) - {"key", "dims"}:
+            raise LeRobotImportError(f"{where}: 'state' = {state!r}: expected {{key: observation.state, dims: {{input: index or name}}}}")
+        sdims = state.get("dims") or {}
+        if not isinstance(sdims, dict) or not all(isinstance(v, (int, str)) and not isinstance(v, bool) for v in sdims.values()):
+            raise LeRobotImportError(f"{where}: 'state.dims' = {sdims!r}: expected input: index (or a name of the feature)")
+        kw["state_dims"] = {str(k): v for k, v in sdims.items()}
         state = state.get("key")
     kw["state"] = None if state is None else str(state)
     success = data.get("success", "auto")
@@ -166,10 +175,50 @@ class ResolvedMapping(NamedTuple):
     action_index: np.ndarray
     """int64 (D,): entry of the action vector for each contract dim."""
     action_width: int
+    state: str | None
+    """The state feature, or None when the contract declares no state inputs."""
+    state_index: np.ndarray
+    """int64 (S,): entry of the state vector for each contract state input."""
+    state_width: int
     success: str | None
     """The success column, or None."""
     reward: str | None
     """The reward column, or None for sparse rewards."""
+
+
+def vector_index(layout: LeRobotLayout, key: str, role: str, wanted: list[str], refs: dict[str, int | str],
+                 mapping_key: str, contract_name: str) -> tuple[np.ndarray, int]:
+    """(entry of the feature ``key``'s vector for each name in ``wanted``, the vector's length).
+
+    ``refs`` maps a name to an index or to one of the feature's ``names``; without ``refs`` the names
+    take entries ``0 .. len(wanted)-1`` in order. Errors name info.json, the feature and the mapping key."""
+    where = layout.where()
+    feat = layout.feature(key, role)
+    shape = list(feat.get("shape") or [])
+    if len(shape) != 1 or feat.get("dtype") not in ("float32", "float64", "float16", "int64", "int32"):
+        raise LeRobotImportError(f"{where}: feature '{key}' ({role}) has dtype {feat.get('dtype')!r} shape {shape}, "
+                                 f"expected a 1-D number vector")
+    width = int(shape[0])
+    names = feat.get("names")
+    if isinstance(names, dict):  # some datasets give {"motors": [...]}
+        names = next(iter(names.values()), None)
+    extra = set(refs) - set(wanted)
+    if extra:
+        raise LeRobotImportError(f"mapping '{mapping_key}': {sorted(extra)} not in contract '{contract_name}' ({wanted})")
+    index = []
+    for i, name in enumerate(wanted):
+        ref = refs.get(name, i if not refs else None)
+        if ref is None:
+            raise LeRobotImportError(f"mapping '{mapping_key}' has no entry for contract {role} '{name}'")
+        if isinstance(ref, str):
+            if not isinstance(names, list) or ref not in names:
+                raise LeRobotImportError(f"{where}: mapping '{mapping_key}.{name}' = {ref!r}: not among the names of "
+                                         f"feature '{key}' ({names})")
+            ref = names.index(ref)
+        if not 0 <= ref < width:
+            raise LeRobotImportError(f"{where}: {role} '{name}' -> index {ref}, but feature '{key}' has shape [{width}]")
+        index.append(ref)
+    return np.asarray(index, dtype=np.int64), width
 
 
 def resolve_mapping(m: ImportMapping, layout: LeRobotLayout, contract: RobotContract) -> ResolvedMapping:
@@ -199,34 +248,15 @@ def resolve_mapping(m: ImportMapping, layout: LeRobotLayout, contract: RobotCont
             raise LeRobotImportError(f"{where}: feature '{key}' (camera '{cam.name}') has dtype {feat.get('dtype')!r}, "
                                      f"expected video or image")
         cams[cam.name] = key
-    feat = layout.feature(m.action, "action")
-    shape = list(feat.get("shape") or [])
-    if len(shape) != 1 or feat.get("dtype") not in ("float32", "float64", "float16", "int64", "int32"):
-        raise LeRobotImportError(f"{where}: feature '{m.action}' (action) has dtype {feat.get('dtype')!r} shape {shape}, "
-                                 f"expected a 1-D number vector")
-    width = int(shape[0])
-    names = feat.get("names")
-    if isinstance(names, dict):  # some datasets give {"motors": [...]}
-        names = next(iter(names.values()), None)
-    dim_names = [d.name for d in contract.action_dims]
-    extra = set(m.action_dims) - set(dim_names)
-    if extra:
-        raise LeRobotImportError(f"mapping 'action.dims': {sorted(extra)} not action dims of contract '{contract.name}' "
-                                 f"({dim_names})")
-    index = []
-    for i, d in enumerate(contract.action_dims):
-        ref = m.action_dims.get(d.name, i if not m.action_dims else None)
-        if ref is None:
-            raise LeRobotImportError(f"mapping 'action.dims' has no entry for contract dim '{d.name}'")
-        if isinstance(ref, str):
-            if not isinstance(names, list) or ref not in names:
-                raise LeRobotImportError(f"{where}: mapping 'action.dims.{d.name}' = {ref!r}: not among the names of "
-                                         f"feature '{m.action}' ({names})")
-            ref = names.index(ref)
-        if not 0 <= ref < width:
-            raise LeRobotImportError(f"{where}: action dim '{d.name}' -> index {ref}, but feature '{m.action}' has shape "
-                                     f"[{width}]")
-        index.append(ref)
+    index, width = vector_index(layout, m.action, "action", [d.name for d in contract.action_dims], m.action_dims,
+                                "action.dims", contract.name)
+    state_key, state_index, state_width = None, np.zeros(0, np.int64), 0
+    if contract.state_inputs:
+        state_key = m.state or "observation.state"
+        state_index, state_width = vector_index(layout, state_key, "state", [s.name for s in contract.state_inputs],
+                                                m.state_dims, "state.dims", contract.name)
+    elif m.state_dims:
+        raise LeRobotImportError(f"mapping 'state.dims' given, but contract '{contract.name}' declares no state_inputs")
     success: str | None
     if m.success == "auto":
         success = next((c for c in SUCCESS_AUTO if c in layout.features), None)
@@ -244,7 +274,7 @@ def resolve_mapping(m: ImportMapping, layout: LeRobotLayout, contract: RobotCont
     if m.reward != "sparse":
         layout.feature(m.reward, "reward column")
         reward = m.reward
-    return ResolvedMapping(cams, m.action, np.asarray(index, dtype=np.int64), width, success, reward)
+    return ResolvedMapping(cams, m.action, index, width, state_key, state_index, state_width, success, reward)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,6 +333,8 @@ class ImportedEpisode:
     source_id: str
     rewards: np.ndarray | None
     metadata: dict[str, Any]
+    state: np.ndarray | None
+    """float32 (T, S) raw state inputs, or None when the contract declares none."""
     frame_error_s: dict[str, np.ndarray]
     """camera -> |video frame time - row time| per step (for the report's frame-age columns)."""
 
@@ -326,6 +358,8 @@ class EpisodeRows(NamedTuple):
     """``next.truncated`` is True on the last row."""
     rewards: np.ndarray | None
     """float32 (T,) of the reward column, or None (sparse)."""
+    state: np.ndarray | None
+    """float64 (T, S) state inputs in contract order, or None."""
     images: dict[str, Any]
     """Image-column cameras -> the pyarrow column (decoded only for kept rows)."""
     identity: str
@@ -337,7 +371,7 @@ def episode_rows(layout: LeRobotLayout, ep: EpisodeRef, rm: ResolvedMapping) -> 
     image_cams = {cam: key for cam, key in rm.cameras.items() if key in layout.image_keys}
     action_key = rm.action
     cols = ["timestamp", "task_index", action_key]
-    for c in (rm.success, rm.reward):
+    for c in (rm.success, rm.reward, rm.state):
         if c is not None and c not in cols:
             cols.append(c)
     if TRUNCATED_COLUMN in layout.features and TRUNCATED_COLUMN not in cols:
@@ -351,17 +385,19 @@ def episode_rows(layout: LeRobotLayout, ep: EpisodeRef, rm: ResolvedMapping) -> 
     tasks = column_array(data["task_index"], path, "task_index", np.int64)
     success = None if rm.success is None else column_array(data[rm.success], path, rm.success, np.float64)
     rewards = None if rm.reward is None else column_array(data[rm.reward], path, rm.reward, np.float32)
+    state_vec = None if rm.state is None else column_array(data[rm.state], path, rm.state, np.float64, width=rm.state_width)
     trunc = False
     if TRUNCATED_COLUMN in data:
         trunc = bool(column_array(data[TRUNCATED_COLUMN], path, TRUNCATED_COLUMN, bool)[-1])
     h = hashlib.sha256()
     h.update(json.dumps({"fps": layout.fps, "episode": ep.index, "length": ep.length,
                          "tasks": [layout.tasks.get(int(t), "") for t in np.unique(tasks)]}, sort_keys=True).encode())
-    for arr in (vec, ts, tasks, success, rewards):
+    for arr in (vec, ts, tasks, success, rewards, state_vec):
         if arr is not None:
             h.update(np.ascontiguousarray(arr).tobytes())
-    return EpisodeRows(actions, ts, tasks, success, trunc, rewards, {c: data[k] for c, k in image_cams.items()},
-                       h.hexdigest()[:24])
+    state = None if state_vec is None else state_vec[:, rm.state_index]
+    return EpisodeRows(actions, ts, tasks, success, trunc, rewards, state,
+                       {c: data[k] for c, k in image_cams.items()}, h.hexdigest()[:24])
 
 
 def episode_label(rows: EpisodeRows, rm: ResolvedMapping, mapping: ImportMapping, layout: LeRobotLayout,
@@ -452,7 +488,7 @@ class DatasetImport:
         self.stride = frame_stride(self.layout.fps, c, cfg.thin, self.layout.where())
         self.rm = resolve_mapping(cfg.mapping, self.layout, c)
         state = cfg.mapping.state or ("observation.state" if "observation.state" in self.layout.features else None)
-        if state is not None:
+        if state is not None and not c.state_inputs:
             self.notes[f"'{state}' not imported: contract '{c.name}' declares no state inputs"] += 1
         if cfg.labels is not None:
             cfg.labels.check_bags_exist([self.layout.root])
@@ -530,6 +566,7 @@ class DatasetImport:
                 metadata={"lerobot_dataset": str(layout.root), "lerobot_version": layout.version,
                           "episode_index": ep.index, "run": ri, "first_frame": int(steps[a]),
                           "frame_stride": self.stride, "fps": layout.fps},
+                state=None if rows.state is None else rows.state[steps[a:b]].astype(np.float32),
                 frame_error_s={k: v[a:b] for k, v in errors.items()},
             ))
         return out
@@ -547,9 +584,13 @@ class DatasetImport:
         return steps, rows.actions[np.minimum(steps + n - 1, keep - 1)]
 
     def check_steps(self, rows: EpisodeRows, steps: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(valid, reason) per step: finite actions and an instruction."""
+        """(valid, reason) per step: finite actions and state, and an instruction."""
         valid = np.isfinite(actions).all(axis=1)
         reasons = np.where(valid, "", "NaN/inf in the action").astype(object)
+        if rows.state is not None:
+            bad = ~np.isfinite(rows.state[steps]).all(axis=1) & valid
+            reasons[bad] = "NaN/inf in the state"
+            valid &= ~bad
         usable = np.array([_instruction_of(t, self.layout, self.cfg)[0] for t in rows.task_index[steps]], dtype=bool)
         reasons[~usable & valid] = "no task text, --instruction or fixed_text (and allow_none is false)"
         return valid & usable, reasons
@@ -604,6 +645,14 @@ class DatasetImport:
                 n = int(((acts[:, i] < d.low) | (acts[:, i] > d.high)).sum())
                 if n:
                     r.clipped[d.name] = n
+            if c.state_inputs:
+                states = np.concatenate([e.state for e in episodes])
+                for i, si in enumerate(c.state_inputs):
+                    n = int(((states[:, i] < si.low) | (states[:, i] > si.high)).sum())
+                    if n:
+                        lo, hi = float(states[:, i].min()), float(states[:, i].max())
+                        r.notes[f"state input '{si.name}' seen in [{lo:.4g}, {hi:.4g}], outside its range "
+                                f"[{si.low:g}, {si.high:g}] (normalised values beyond the range are clipped)"] = n
         if status is not None:
             r.status = status
         elif not episodes:
@@ -650,7 +699,7 @@ def run_import(inputs: Sequence[str | Path], out: str | Path, cfg: ImportConfig,
                                 added = [tx.add_episode(EpisodeData(
                                     frames=ep.frames, actions=ep.actions, success=ep.success, terminal=ep.terminal,
                                     instruction=ep.instruction, source_id=ep.source_id, rewards=ep.rewards,
-                                    metadata=ep.metadata)) for ep in group]
+                                    metadata=ep.metadata, state=ep.state)) for ep in group]
                             written.extend(ep for ep, ok in zip(group, added) if ok)
                             job.skipped_runs += added.count(False)
                             known.update(ep.source_id.rsplit(":", 1)[0] for ep in group)

@@ -15,7 +15,7 @@ import numpy as np
 
 from q_transformer_ros.contract import RobotContract
 from q_transformer_ros.replay.format import (
-    ACTIONS_FILE, CHUNKS_DIR, MANIFEST_NAME, NO_INSTRUCTION, REWARDS_FILE, TERMINALS_FILE, TRUNCATED_FILE,
+    ACTIONS_FILE, CHUNKS_DIR, MANIFEST_NAME, NO_INSTRUCTION, REWARDS_FILE, STATE_FILE, TERMINALS_FILE, TRUNCATED_FILE,
     DatasetError, EpisodeEntry, Manifest, frames_file, read_manifest,
 )
 
@@ -39,6 +39,8 @@ class StoredEpisode:
     """bool (T,): True only on the last step of a terminal episode."""
     truncated: np.ndarray
     """bool (T,): True only on the last step of a truncated episode."""
+    state: np.ndarray | None = None
+    """float32 (T, S) raw state inputs, or None when the contract declares none."""
 
     @property
     def length(self) -> int:
@@ -63,6 +65,7 @@ class ReplayReader:
             folder = self.root / CHUNKS_DIR / chunk_id
             names = [frames_file(c.name) for c in self.contract.cameras]
             names += [ACTIONS_FILE, REWARDS_FILE, TERMINALS_FILE, TRUNCATED_FILE]
+            names += [STATE_FILE] if self.contract.state_dim else []
             arrays: dict[str, Any] = {}
             for name in names:
                 try:
@@ -82,6 +85,7 @@ class ReplayReader:
             frames={c.name: arrays[frames_file(c.name)][rows] for c in self.contract.cameras},
             actions=arrays[ACTIONS_FILE][rows], rewards=arrays[REWARDS_FILE][rows],
             terminals=arrays[TERMINALS_FILE][rows], truncated=arrays[TRUNCATED_FILE][rows],
+            state=arrays[STATE_FILE][rows] if STATE_FILE in arrays else None,
         )
 
     def __iter__(self) -> Iterator[StoredEpisode]:

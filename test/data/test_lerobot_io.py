@@ -123,8 +123,8 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], t
     return out
 
 
-def contract_file(tmp_path: Path, cameras: int = 1) -> Path:
-    c = tiny_contract(num_cameras=cameras, size=SIZE, num_dims=3, frame_history=2)
+def contract_file(tmp_path: Path, cameras: int = 1, state_dim: int = 0) -> Path:
+    c = tiny_contract(num_cameras=cameras, size=SIZE, num_dims=3, frame_history=2, state_dim=state_dim)
     path = tmp_path / "contract.yaml"
     path.write_text(c.to_yaml())
     return path
@@ -177,6 +177,30 @@ def test_one_camera_state_action_success_flags_several_tasks(version, written, t
     assert any("observation.state" in n and "no state inputs" in n for n in rep["notes"])
     assert sorted(rep["instructions"]) == ["open the drawer", "pick the cube"]
     assert "WARNING" in text.out and "'a2'" in text.out and "CLIPPED" in text.out
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_state_inputs_from_observation_state(version, written, tmp_path, capsys):
+    root, spec = written[("single", version)]
+    mapping = tmp_path / "mapping.yaml"
+    mapping.write_text(yaml.safe_dump({"cameras": {"cam0": "observation.images.front"},
+                                       "state": {"key": "observation.state", "dims": {"s0": 3, "s1": 1}}}))
+    report = tmp_path / "report.json"
+    assert import_main([str(root), "--out", str(tmp_path / "ds"), "--contract", str(contract_file(tmp_path, state_dim=2)),
+                        "--mapping", str(mapping), "--report-json", str(report), "--no-progress"]) == 0, \
+        capsys.readouterr().err
+    kept = [at + 1 if at is not None else T for at, T in zip(SINGLE_SUCCESS_AT, SINGLE_LENGTHS)]
+    for e, ep in enumerate(ReplayReader(tmp_path / "ds")):
+        frames = spec["episodes"][e]["frames"][:kept[e]]
+        np.testing.assert_array_equal(ep.state, np.stack([f["observation.state"][[3, 1]] for f in frames]))
+    assert not any("not imported" in n for n in json.loads(report.read_text())[0]["notes"])
+    # a contract with state inputs and a dataset without a state feature: the error names info.json
+    pair_root, _ = written[("pair", version)]
+    assert import_main([str(pair_root), "--out", str(tmp_path / "no_state"), "--contract",
+                        str(contract_file(tmp_path, cameras=2, state_dim=2)), "--success", "--camera",
+                        "cam0=observation.images.top", "--camera", "cam1=observation.images.wrist", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert str(pair_root / "meta" / "info.json") in err and "'observation.state' is not in 'features'" in err
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -392,8 +416,9 @@ def test_errors_name_the_file_and_the_column(written, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 
 def our_dataset(path: Path) -> Path:
-    """Three episodes: a success, a terminal failure with dense rewards, a truncated one without instruction."""
-    c = tiny_contract(num_cameras=2, size=32, num_dims=3, frame_history=2)
+    """Three episodes: a success, a terminal failure with dense rewards, a truncated one without
+    instruction; two cameras and two state inputs."""
+    c = tiny_contract(num_cameras=2, size=32, num_dims=3, frame_history=2, state_dim=2)
     rng = np.random.default_rng(5)
     eps = []
     for i, (T, success, terminal, ins) in enumerate([(6, True, True, "pick"), (5, False, True, "place"),
@@ -401,7 +426,8 @@ def our_dataset(path: Path) -> Path:
         frames = {f"cam{k}": smooth_frames(T, 32, 32, seed=3 * i + k).transpose(0, 3, 1, 2).copy() for k in range(2)}
         rewards = np.linspace(0, 0.5, T).astype(np.float32) if i == 1 else None
         eps.append(EpisodeData(frames=frames, actions=rng.uniform(-1, 1, (T, 3)).astype(np.float32), success=success,
-                               terminal=terminal, instruction=ins, source_id=f"ep{i}", rewards=rewards))
+                               terminal=terminal, instruction=ins, source_id=f"ep{i}", rewards=rewards,
+                               state=rng.uniform(-2, 2, (T, 2)).astype(np.float32)))
     with ReplayWriter(path, c) as w:
         w.add_episodes(eps)
     return path
@@ -421,6 +447,7 @@ def test_export_opens_in_lerobot_and_round_trips(tmp_path, capsys):
     assert (ds.meta.total_episodes, ds.meta.total_frames, ds.fps) == (3, 18, 10)
     assert list(ds.meta.tasks.index) == ["pick", "place", ""]
     assert ds.meta.features["action"]["names"] == ["a0", "a1", "a2"]
+    assert ds.meta.features["observation.state"]["names"] == ["s0", "s1"]
     src = ReplayReader(ours)
     np.testing.assert_array_equal(np.stack([np.asarray(a) for a in ds.hf_dataset["action"]]),
                                   np.concatenate([e.actions for e in src]))
@@ -442,6 +469,7 @@ def test_export_opens_in_lerobot_and_round_trips(tmp_path, capsys):
         np.testing.assert_array_equal(a.rewards, b.rewards)
         np.testing.assert_array_equal(a.terminals, b.terminals)
         np.testing.assert_array_equal(a.truncated, b.truncated)
+        np.testing.assert_array_equal(a.state, b.state)
         assert (a.entry.success, a.instruction) == (b.entry.success, b.instruction)
         for cam in ("cam0", "cam1"):
             err = np.abs(np.asarray(a.frames[cam], np.float64) - np.asarray(b.frames[cam])).mean()
@@ -457,8 +485,10 @@ def test_lerobot_dataset_trains_and_the_policy_decides(written, tmp_path, one_th
     from q_transformer_ros.core.policy import QTransformerPolicy
     from q_transformer_ros.core.trainer import TrainConfig, train
 
+    from q_transformer_ros.observation import Observation
+
     root, spec = written[("single", "v3.0")]
-    assert import_main([str(root), "--out", str(tmp_path / "ds"), "--contract", str(contract_file(tmp_path)),
+    assert import_main([str(root), "--out", str(tmp_path / "ds"), "--contract", str(contract_file(tmp_path, state_dim=2)),
                         "--camera", "cam0=observation.images.front", "--no-progress"]) == 0
     result = train(TrainConfig(
         dataset=[str(tmp_path / "ds")], out=str(tmp_path / "run"), model_preset="tiny",
@@ -469,7 +499,8 @@ def test_lerobot_dataset_trains_and_the_policy_decides(written, tmp_path, one_th
     ))
     policy = QTransformerPolicy.from_checkpoint(Path(result.checkpoint), device="cpu")
     policy.reset("pick the cube")
-    policy.push_frames({"cam0": expected_frame(spec["episodes"][0]["frames"][0]["observation.images.front"])})
+    first = spec["episodes"][0]["frames"][0]
+    policy.push(Observation({"cam0": expected_frame(first["observation.images.front"])}, first["observation.state"][:2]))
     decision = policy.decide()
     assert decision.bins.shape == (3,) and np.all((decision.action >= -1) & (decision.action <= 1))
     capsys.readouterr()
