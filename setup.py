@@ -61,12 +61,15 @@ setup(
         "tensorboard",
     ],
     extras_require={"sim": ["metaworld==3.1.1", "imageio"], "test": ["pytest", "pytest-timeout"],
-                    "serve": ["onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18"]},
+                    "serve": ["onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18"],
+                    "lerobot": ["pyarrow>=15", "av>=15,<16"]},
     entry_points={
         "console_scripts": [
             # Same names as `ros2 run q_transformer_ros <name>` (lib/q_transformer_ros/ on the colcon path).
             "train = q_transformer_ros.cli:train",
             "convert_bag = q_transformer_ros.cli:convert_bag",
+            "lerobot_import = q_transformer_ros.cli:lerobot_import",
+            "lerobot_export = q_transformer_ros.cli:lerobot_export",
             "record = q_transformer_ros.cli:record",
             "policy_node = q_transformer_ros.cli:policy_node",
             "sim_node = q_transformer_ros.cli:sim_node",

@@ -15,7 +15,7 @@ from typing import Callable
 _NO_ROS_HINT = (
     "{exe}: rclpy is not importable ({error}). This executable needs ROS 2: source "
     "scripts/ros_env.sh (after scripts/setup_env.sh), or install the ROS 2 wheels listed in "
-    "requirements/ros.txt. The ROS-free tools (train, convert_bag) work without it."
+    "requirements/ros.txt. The ROS-free tools (train, convert_bag, lerobot_import, lerobot_export) work without it."
 )
 
 
@@ -51,4 +51,6 @@ expert_node = _ros_main("expert_node", "q_transformer_ros.ros.expert_node")
 record = _ros_main("record", "q_transformer_ros.ros.recorder")
 train = _plain_main("q_transformer_ros.core.trainer")
 convert_bag = _plain_main("q_transformer_ros.data.convert")
+lerobot_import = _plain_main("q_transformer_ros.data.lerobot_import")
+lerobot_export = _plain_main("q_transformer_ros.data.lerobot_export")
 demo = _plain_main("q_transformer_ros.demo")

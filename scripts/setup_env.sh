@@ -97,10 +97,41 @@ if [[ "$FORCE" == "1" || ! -f "$REQ_STAMP" || "$(cat "$REQ_STAMP")" != "$req_has
   for f in "${REQ_FILES[@]}"; do pip_req_args+=(-r "$f"); done
   # shellcheck disable=SC2086  # QTR_PIP_ARGS is a list of words on purpose
   "$VPY" -m pip install --disable-pip-version-check --progress-bar off ${QTR_PIP_ARGS:-} "${pip_req_args[@]}"
-  "$VPY" -m pip check >/dev/null 2>&1 || log "WARNING: 'pip check' reports conflicts: $("$VPY" -m pip check 2>&1 | head -5)"
+  # lerobot and datasets (step 2b, test only) are installed without their dependency pins on purpose.
+  conflicts="$("$VPY" -m pip check 2>&1 | grep -v -E '^(lerobot|datasets) |^No broken requirements' || true)"
+  [[ -z "$conflicts" ]] || log "WARNING: 'pip check' reports conflicts: $(echo "$conflicts" | head -5)"
   echo "$req_hash" > "$REQ_STAMP.tmp" && mv "$REQ_STAMP.tmp" "$REQ_STAMP"
 else
   log "Python requirements up to date (stamp $REQ_STAMP)"
+fi
+
+# 2b. Packages installed WITHOUT their dependencies (requirements/no-deps/*.txt): the real LeRobot
+#     dataset writers the tests check us against. Their declared pins (torch<2.11, ...) would
+#     downgrade what step 2 installed; what they really import is in requirements/test-lerobot.txt.
+#     venv.txt goes into the venv; any other <name>.txt into $VENV/no-deps/<name> (a --target folder,
+#     for a second release of a package that must not replace the first; tests put it on PYTHONPATH).
+NODEPS_FILES=("$REPO_ROOT"/requirements/no-deps/*.txt)
+NODEPS_STAMP="$VENV/.qtr_no_deps.sha256"
+if [[ -e "${NODEPS_FILES[0]}" ]]; then
+  nodeps_hash="$( { "$VPY" -VV; echo "${QTR_PIP_ARGS:-}"; for f in "${NODEPS_FILES[@]}"; do echo "$f"; cat "$f"; done; } \
+                  | sha256sum | cut -d' ' -f1)"
+  if [[ "$FORCE" == "1" || ! -f "$NODEPS_STAMP" || "$(cat "$NODEPS_STAMP")" != "$nodeps_hash" ]]; then
+    for f in "${NODEPS_FILES[@]}"; do
+      name="$(basename "$f" .txt)"
+      target_args=()
+      if [[ "$name" != "venv" ]]; then
+        rm -rf "$VENV/no-deps/$name"
+        target_args=(--target "$VENV/no-deps/$name")
+      fi
+      log "installing ${f##*/requirements/} without dependencies${target_args[1]:+ into ${target_args[1]}}"
+      # shellcheck disable=SC2086
+      "$VPY" -m pip install --disable-pip-version-check --progress-bar off --no-deps ${QTR_PIP_ARGS:-} \
+        "${target_args[@]}" -r "$f"
+    done
+    echo "$nodeps_hash" > "$NODEPS_STAMP.tmp" && mv "$NODEPS_STAMP.tmp" "$NODEPS_STAMP"
+  else
+    log "no-deps packages up to date (stamp $NODEPS_STAMP)"
+  fi
 fi
 
 # ---------------------------------------------------------------------------------------------

@@ -22,6 +22,8 @@ PACKAGE_DIR = REPO_ROOT / "q_transformer_ros"
 EXECUTABLES = {
     "train": "q_transformer_ros.core.trainer",
     "convert_bag": "q_transformer_ros.data.convert",
+    "lerobot_import": "q_transformer_ros.data.lerobot_import",
+    "lerobot_export": "q_transformer_ros.data.lerobot_export",
     "record": "q_transformer_ros.ros.recorder",
     "policy_node": "q_transformer_ros.ros.policy_node",
     "sim_node": "q_transformer_ros.ros.sim_node",
@@ -29,7 +31,7 @@ EXECUTABLES = {
     "demo": "q_transformer_ros.demo",
 }
 # Executables whose `--help` must work without ROS (argparse front ends of the ROS-free core).
-ROS_FREE_EXECUTABLES = ("train", "convert_bag")
+ROS_FREE_EXECUTABLES = ("train", "convert_bag", "lerobot_import", "lerobot_export")
 # Python packages that exist only in a ROS install: the ROS-free core must import none of them.
 ROS_ONLY_MODULES = (
     "rclpy", "rosidl_runtime_py", "rpyutils", "ament_index_python", "cv_bridge", "launch", "launch_ros",

@@ -825,10 +825,11 @@ def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def format_report(reports: Sequence[BagReport], contract: RobotContract) -> str:
-    """The final per-bag table plus every loss with its reason, notes, clipping and errors."""
+def format_report(reports: Sequence[BagReport], contract: RobotContract, source: str = "bag") -> str:
+    """The final per-bag table plus every loss with its reason, notes, clipping and errors (``source``
+    names the first column: ``bag``, or ``dataset`` for ``lerobot_import``)."""
     lines = []
-    header = f"{'bag':<32} {'status':<18} {'eps':>4} {'succ':>4} {'steps':>6} {'dropped':>7}  frame age p50/p99 (s)"
+    header = f"{source:<32} {'status':<18} {'eps':>4} {'succ':>4} {'steps':>6} {'dropped':>7}  frame age p50/p99 (s)"
     lines.append(header)
     lines.append("-" * len(header))
     for r in reports:
