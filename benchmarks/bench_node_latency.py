@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     from std_msgs.msg import String  # noqa: PLC0415
 
     from q_transformer_ros.core.checkpoint import checkpoint_contract, load_checkpoint  # noqa: PLC0415
+    from q_transformer_ros.data.messages import write_field  # noqa: PLC0415
     from q_transformer_ros.ros.conversions import group_outputs, message_class  # noqa: PLC0415
     from q_transformer_ros.ros.policy_node import load_interfaces  # noqa: PLC0415
     from q_transformer_ros.ros.qos import COMMAND_QOS, DIAGNOSTIC_QOS, INSTRUCTION_QOS, SENSOR_QOS  # noqa: PLC0415
@@ -165,7 +166,25 @@ def main(argv: list[str] | None = None) -> int:
     instr_pub = node.create_publisher(String, contract.instruction.topic or "/instruction", INSTRUCTION_QOS)
     rgb = np.random.default_rng(0).integers(0, 255, (args.height, args.width, 3), dtype=np.uint8).tobytes()
 
+    # the contract's state inputs (mid-range values), one message per topic, each frame tick: the node
+    # stops on a missing or stale state input exactly as on a missing camera
+    state_topics: dict[str, list] = {}
+    for spec in contract.state_inputs:
+        state_topics.setdefault(spec.source.topic, []).append(spec)
+    state_pubs = {topic: node.create_publisher(message_class(specs[0].source.msg_type), topic, SENSOR_QOS)
+                  for topic, specs in state_topics.items()}
+
+    def publish_state() -> None:
+        for topic, specs in state_topics.items():
+            msg = message_class(specs[0].source.msg_type)()
+            for spec in specs:
+                write_field(msg, spec.source, (spec.low + spec.high) / 2)
+            if hasattr(msg, "header"):
+                msg.header.stamp = clock.now().to_msg()
+            state_pubs[topic].publish(msg)
+
     def publish_frames() -> None:
+        publish_state()
         for name, pub in cam_pubs.items():
             msg = Image(height=args.height, width=args.width, encoding="rgb8", step=args.width * 3, data=rgb)
             now = clock.now()

@@ -47,17 +47,17 @@ class DemoConfig:
     """Output folder: bags/, dataset/, train/, logs/, eval.jsonl, report.md, plots, GIF."""
     tasks: tuple[str, ...] = DEMO_TASKS
     """Meta-World tasks recorded, trained on and evaluated."""
-    episodes_per_task: int = 6
+    episodes_per_task: int = 8
     """Recorded episodes per task (layout seeds 0..N-1), cycling through ``noise_levels``."""
     noise_levels: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)
     """Std of the Gaussian noise on the expert's actions, per episode in turn: expert, noisy, failing."""
-    operators: tuple[str, ...] = ("expert",)
+    operators: tuple[str, ...] = ("expert", "expert", "wrong_target", "stop_short")
     """Operator style per episode in turn (``sim.operators``: expert, wrong_target, stop_short,
     release_early): the recorded data then hold systematic mistakes, not only noise. Episode i of a task
     uses ``operators[i % len]`` with noise ``noise_levels[(i // len(operators)) % len]``."""
     max_episode_steps: int = 120
     """Control steps after which an episode ends as a failure (recording and closed loop)."""
-    train_steps: int = 1000
+    train_steps: int = 2000
     """Optimizer steps of the training stage."""
     batch_size: int = 32
     """Training batch size."""
@@ -68,7 +68,7 @@ class DemoConfig:
     text_encoder_weights: str | None = None
     """Local open_clip weights for the instruction encoder; None = a small seeded random text tower
     (the instructions of a few tasks stay distinct codes; no download needed)."""
-    eval_episodes: int = 3
+    eval_episodes: int = 5
     """Closed-loop episodes per task, on held-out seeds (from EVAL_SEED_OFFSET)."""
     compare_bc: bool = True
     """Also train behaviour cloning (same data, network, steps and seed) and run it closed loop on the

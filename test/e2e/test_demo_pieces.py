@@ -114,7 +114,8 @@ def test_config_checks_and_plans(tmp_path: Path) -> None:
         DemoConfig(out=tmp_path, episodes_per_task=0)
     with pytest.raises(ValueError, match="domain_id"):
         DemoConfig(out=tmp_path, domain_id=300)
-    cfg = DemoConfig(out=tmp_path, tasks=("reach-v3", "push-v3"), episodes_per_task=3, noise_levels=(0.0, 1.0), eval_episodes=2)
+    cfg = DemoConfig(out=tmp_path, tasks=("reach-v3", "push-v3"), episodes_per_task=3, noise_levels=(0.0, 1.0), eval_episodes=2,
+                     operators=("expert",))
     plan = cfg.record_plan()
     assert len(plan) == 6 and plan[:3] == [("reach-v3", 0, 0.0), ("reach-v3", 1, 1.0), ("reach-v3", 2, 0.0)]
     assert plan[3] == ("push-v3", 0, 0.0)
