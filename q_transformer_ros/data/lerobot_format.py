@@ -271,7 +271,6 @@ def _open_v21(root: Path, info: dict[str, Any], features: dict[str, Any]) -> tup
 
 def _open_v30(root: Path, info: dict[str, Any], features: dict[str, Any]) -> tuple[dict[int, str], list[EpisodeRef]]:
     pq = _pyarrow()
-    where = str(root / INFO_PATH)
     data_tpl = str(info.get("data_path", V30_DATA_PATH))
     video_tpl = str(info.get("video_path") or V30_VIDEO_PATH)
     tasks_path = root / V30_TASKS_PATH
