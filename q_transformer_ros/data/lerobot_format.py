@@ -32,7 +32,7 @@ import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -317,23 +317,32 @@ def _open_v30(root: Path, info: dict[str, Any], features: dict[str, Any]) -> tup
 # ---------------------------------------------------------------------------------------------
 
 class VideoFrames:
-    """Decodes the frames of one video segment that match requested timestamps (PyAV).
+    """Decodes the frames of one video segment that match requested timestamps (PyAV), streaming.
 
     A requested time ``from_timestamp + t`` takes the decoded frame nearest to it; a frame farther than
-    ``tolerance_s`` away counts as missing (the caller drops that step and says why).
+    ``tolerance_s`` away counts as missing (the caller drops that step and says why). Only frames that
+    are the nearest so far to some requested time are converted and passed through ``transform`` (the
+    caller's preprocessing to the contract's size), so memory holds the steps' outputs, not the episode
+    at the video's resolution.
     """
 
     def __init__(self, tolerance_s: float):
         self.tolerance_s = tolerance_s
 
-    def frames(self, seg: VideoSegment, timestamps: np.ndarray, key: str) -> tuple[np.ndarray, np.ndarray]:
-        """-> (uint8 (T, h, w, 3) RGB, float64 (T,) |decoded time - wanted time| in s, inf where missing)."""
+    def frames(self, seg: VideoSegment, timestamps: np.ndarray, key: str,
+               transform: Callable[[np.ndarray, float], Any] = lambda image, t: image) -> tuple[list[Any], np.ndarray]:
+        """-> (per requested time: ``transform(rgb uint8 (h, w, 3), frame time)`` or None where missing,
+        float64 |decoded time - wanted time| in s, inf where missing)."""
         av = _av()
         wanted = seg.from_timestamp + np.asarray(timestamps, dtype=np.float64)
         if not seg.path.is_file():
             raise LeRobotFormatError(f"{seg.path}: video file of feature '{key}' missing")
+        n = len(wanted)
+        out: list[Any] = [None] * n
+        err = np.full(n, np.inf)
+        if n == 0:
+            return out, err
         lo, hi = float(wanted.min()) - self.tolerance_s, float(wanted.max()) + self.tolerance_s
-        times, images = [], []
         try:
             with av.open(str(seg.path)) as container:
                 stream = container.streams.video[0]
@@ -348,15 +357,13 @@ class VideoFrames:
                         continue
                     if t > hi:
                         break
-                    times.append(t)
-                    images.append(frame.to_ndarray(format="rgb24"))
+                    dist = np.abs(wanted - t)
+                    better = (dist < err) & (dist <= self.tolerance_s)
+                    if better.any():
+                        value = transform(frame.to_ndarray(format="rgb24"), t)
+                        for j in np.flatnonzero(better):
+                            out[j] = value
+                        err[better] = dist[better]
         except av.error.FFmpegError as e:
             raise LeRobotFormatError(f"{seg.path}: cannot decode video of feature '{key}': {e}") from None
-        if not images:
-            return np.zeros((len(wanted), 1, 1, 3), np.uint8), np.full(len(wanted), np.inf)
-        times_a = np.asarray(times)
-        nearest = np.abs(times_a[None, :] - wanted[:, None]).argmin(axis=1)
-        err = np.abs(times_a[nearest] - wanted)
-        err[err > self.tolerance_s] = np.inf
-        return np.stack([images[i] for i in nearest]), err
-
+        return out, err

@@ -562,20 +562,26 @@ class DatasetImport:
         frames, errors = {}, {}
         for cam in cfg.contract.cameras:
             key = self.rm.cameras[cam.name]
+            out = np.zeros((len(steps), 3, cam.height, cam.width), dtype=np.uint8)
+
+            def prepare(image: np.ndarray, where: str) -> np.ndarray:
+                return preprocess_frame(np.asarray(image), "rgb8", cam, f"{self.layout.root}: feature '{key}' "
+                                        f"(camera '{cam.name}') episode {ep.index} {where}")
+
             if cam.name in rows.images:  # image column: decode only the kept steps' cells
-                images = {int(k): decode_image_cell(rows.images[cam.name][int(steps[k])].as_py(), ep.data_path, key,
-                                                    int(steps[k])) for k in np.flatnonzero(valid)}
+                for k in np.flatnonzero(valid):
+                    row = int(steps[k])
+                    out[k] = prepare(decode_image_cell(rows.images[cam.name][row].as_py(), ep.data_path, key, row),
+                                     f"frame {row}")
                 err = np.zeros(len(steps))
             else:
-                decoded, err = VideoFrames(cfg.tolerance_s).frames(ep.videos[key], rows.timestamps[steps], key)
-                images = dict(enumerate(decoded))
+                decoded, err = VideoFrames(cfg.tolerance_s).frames(
+                    ep.videos[key], rows.timestamps[steps], key, lambda image, t: prepare(image, f"video time {t:.3f} s"))
                 missing = ~np.isfinite(err) & valid
                 reasons[missing] = f"no frame of video '{key}' within {cfg.tolerance_s:.3g} s of the row's timestamp"
                 valid &= ~missing
-            out = np.zeros((len(steps), 3, cam.height, cam.width), dtype=np.uint8)
-            for k in np.flatnonzero(valid):
-                where = f"{self.layout.root}: feature '{key}' (camera '{cam.name}') episode {ep.index} frame {int(steps[k])}"
-                out[k] = preprocess_frame(np.asarray(images[int(k)]), "rgb8", cam, where)
+                for k in np.flatnonzero(valid):
+                    out[k] = decoded[k]
             frames[cam.name], errors[cam.name] = out, err
         return frames, errors
 
