@@ -385,6 +385,34 @@ def parse_contract(data: Mapping[str, Any], where: str = "<contract>") -> RobotC
         raise ContractError(str(e).replace("<contract>", where, 1)) from None
 
 
+def _check_named_range(item: ActionDimSpec | StateInputSpec, seen: set[str], where: str, key: str, what: str) -> None:
+    """A non-empty name unique among its kind (added to ``seen``) and a finite ``low < high``."""
+    if not isinstance(item.name, str) or not item.name:
+        raise _fail(where, f"{key}.name", item.name, "must be a non-empty string")
+    if item.name in seen:
+        raise _fail(where, f"{key}.name", item.name, f"duplicate {what} name")
+    seen.add(item.name)
+    if not (math.isfinite(item.low) and math.isfinite(item.high) and item.low < item.high):
+        raise _fail(where, f"{key}.low/high", (item.low, item.high), "need finite low < high")
+
+
+def _check_field_ref(ref: FieldRef, where: str, key: str, example: str,
+                     msg_types: tuple[str, ...] | None = None) -> None:
+    """Topic, message type (one of ``msg_types``, or any when None), field path and joint of a field
+    reference (action source/target, state source)."""
+    if not isinstance(ref.topic, str) or not _TOPIC_RE.match(ref.topic):
+        raise _fail(where, f"{key}.topic", ref.topic, "not a valid ROS topic name")
+    if msg_types is not None:
+        if ref.msg_type not in msg_types:
+            raise _fail(where, f"{key}.msg_type", ref.msg_type, f"must be one of {msg_types}")
+    elif not isinstance(ref.msg_type, str) or not _MSG_TYPE_RE.match(ref.msg_type):
+        raise _fail(where, f"{key}.msg_type", ref.msg_type, "not a message type like 'sensor_msgs/msg/JointState'")
+    if not isinstance(ref.field, str) or not _FIELD_PATH_RE.match(ref.field):
+        raise _fail(where, f"{key}.field", ref.field, f"not a field path like {example}")
+    if ref.joint is not None and ref.msg_type not in ("sensor_msgs/msg/JointState", "trajectory_msgs/msg/JointTrajectory"):
+        raise _fail(where, f"{key}.joint", ref.joint, "joint names apply to JointState / JointTrajectory only")
+
+
 def validate_contract(c: RobotContract, where: str = "<contract>") -> None:
     """Check every value; errors name the key and the bad value."""
     if not isinstance(c.name, str) or not c.name:
@@ -407,49 +435,22 @@ def validate_contract(c: RobotContract, where: str = "<contract>") -> None:
                 raise _fail(where, f"{k}.{key}", v, "must be an integer in [8, 4096]")
         if not (isinstance(cam.depth_max_m, (int, float)) and cam.depth_max_m > 0):
             raise _fail(where, f"{k}.depth_max_m", cam.depth_max_m, "must be > 0")
-    dim_names = set()
+    dim_names: set[str] = set()
     for i, d in enumerate(c.action_dims):
         k = f"action_dims[{i}]"
-        if not isinstance(d.name, str) or not d.name:
-            raise _fail(where, f"{k}.name", d.name, "must be a non-empty string")
-        if d.name in dim_names:
-            raise _fail(where, f"{k}.name", d.name, "duplicate action dim name")
-        dim_names.add(d.name)
-        if not (math.isfinite(d.low) and math.isfinite(d.high) and d.low < d.high):
-            raise _fail(where, f"{k}.low/high", (d.low, d.high), "need finite low < high")
+        _check_named_range(d, dim_names, where, k, "action dim")
         if not isinstance(d.bins, int) or isinstance(d.bins, bool) or d.bins < 2 or d.bins > 4096:
             raise _fail(where, f"{k}.bins", d.bins, "must be an integer in [2, 4096]")
         if d.mode not in ("absolute", "delta"):
             raise _fail(where, f"{k}.mode", d.mode, "must be 'absolute' or 'delta'")
         for side in ("source", "target"):
             ref: FieldRef = getattr(d, side)
-            if not isinstance(ref.topic, str) or not _TOPIC_RE.match(ref.topic):
-                raise _fail(where, f"{k}.{side}.topic", ref.topic, "not a valid ROS topic name")
-            if ref.msg_type not in ACTION_MSG_TYPES:
-                raise _fail(where, f"{k}.{side}.msg_type", ref.msg_type, f"must be one of {ACTION_MSG_TYPES}")
-            if not isinstance(ref.field, str) or not _FIELD_PATH_RE.match(ref.field):
-                raise _fail(where, f"{k}.{side}.field", ref.field, "not a field path like 'twist.linear.x' or 'data[3]'")
-            if ref.joint is not None and ref.msg_type not in ("sensor_msgs/msg/JointState", "trajectory_msgs/msg/JointTrajectory"):
-                raise _fail(where, f"{k}.{side}.joint", ref.joint, "joint names apply to JointState / JointTrajectory only")
-    state_names = set()
+            _check_field_ref(ref, where, f"{k}.{side}", "'twist.linear.x' or 'data[3]'", ACTION_MSG_TYPES)
+    state_names: set[str] = set()
     for i, s in enumerate(c.state_inputs):
         k = f"state_inputs[{i}]"
-        if not isinstance(s.name, str) or not s.name:
-            raise _fail(where, f"{k}.name", s.name, "must be a non-empty string")
-        if s.name in state_names:
-            raise _fail(where, f"{k}.name", s.name, "duplicate state input name")
-        state_names.add(s.name)
-        if not (math.isfinite(s.low) and math.isfinite(s.high) and s.low < s.high):
-            raise _fail(where, f"{k}.low/high", (s.low, s.high), "need finite low < high")
-        ref = s.source
-        if not isinstance(ref.topic, str) or not _TOPIC_RE.match(ref.topic):
-            raise _fail(where, f"{k}.source.topic", ref.topic, "not a valid ROS topic name")
-        if not isinstance(ref.msg_type, str) or not _MSG_TYPE_RE.match(ref.msg_type):
-            raise _fail(where, f"{k}.source.msg_type", ref.msg_type, "not a message type like 'sensor_msgs/msg/JointState'")
-        if not isinstance(ref.field, str) or not _FIELD_PATH_RE.match(ref.field):
-            raise _fail(where, f"{k}.source.field", ref.field, "not a field path like 'pose.position.x' or 'data[3]'")
-        if ref.joint is not None and ref.msg_type not in ("sensor_msgs/msg/JointState", "trajectory_msgs/msg/JointTrajectory"):
-            raise _fail(where, f"{k}.source.joint", ref.joint, "joint names apply to JointState / JointTrajectory only")
+        _check_named_range(s, state_names, where, k, "state input")
+        _check_field_ref(s.source, where, f"{k}.source", "'pose.position.x' or 'data[3]'")
     if not isinstance(c.frame_history, int) or isinstance(c.frame_history, bool) or not 1 <= c.frame_history <= 64:
         raise _fail(where, "frame_history", c.frame_history, "must be an integer in [1, 64]")
     if not (isinstance(c.control_rate_hz, (int, float)) and 0 < c.control_rate_hz <= 1000):

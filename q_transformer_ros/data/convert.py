@@ -792,15 +792,17 @@ def run_conversion(bags: Sequence[Path], out: Path, cfg: ConvertConfig, workers:
                 bar.set_postfix(steps=sum(r.steps for r in reports))
             bar.close()
     except BaseException:
-        if created and out.exists() and not _has_episodes(out):
+        if created and out.exists() and not dataset_has_episodes(out):
             shutil.rmtree(out, ignore_errors=True)
         raise
-    if created and not any(r.episodes for r in reports) and not _has_episodes(out):
+    if created and not any(r.episodes for r in reports) and not dataset_has_episodes(out):
         shutil.rmtree(out, ignore_errors=True)
     return reports
 
 
-def _has_episodes(out: Path) -> bool:
+def dataset_has_episodes(out: Path) -> bool:
+    """True when the dataset at ``out`` has committed episodes (what decides whether a failed first run
+    may remove the folder it created); shared with lerobot_import."""
     try:
         return bool(json.loads((out / "manifest.json").read_text()).get("episodes"))
     except (OSError, ValueError):
@@ -932,10 +934,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _contract_from_dataset(out: Path) -> RobotContract:
+def contract_from_dataset(out: Path) -> RobotContract:
+    """The contract embedded in an existing dataset (when --contract is not given)."""
     from q_transformer_ros.replay.format import read_manifest
 
     return read_manifest(out).robot_contract(str(out / "manifest.json"))
+
+
+def write_report_json(path: Path, reports: Sequence[BagReport]) -> None:
+    """``--report-json``: the strict-JSON report, written to a temp file then renamed."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(report_json(reports))
+    tmp.replace(path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -945,7 +955,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.contract is not None:
             contract = load_contract(args.contract)
         elif (args.out / "manifest.json").exists():
-            contract = _contract_from_dataset(args.out)
+            contract = contract_from_dataset(args.out)
         else:
             raise ConvertError("--contract is required when --out is not an existing dataset")
         bags = find_bags(args.inputs)
@@ -971,9 +981,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     print(format_report(reports, contract))
     if args.report_json is not None:
-        tmp = args.report_json.with_name(f".{args.report_json.name}.tmp")
-        tmp.write_text(report_json(reports))
-        tmp.replace(args.report_json)
+        write_report_json(args.report_json, reports)
     return 0 if not any(r.status == "error" for r in reports) else 1
 
 

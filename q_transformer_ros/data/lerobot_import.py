@@ -37,7 +37,8 @@ import yaml
 
 from q_transformer_ros.contract import ContractError, RobotContract, load_contract
 from q_transformer_ros.data.convert import (
-    ON_ERROR_CHOICES, UNLABELED_CHOICES, BagReport, Label, format_report, report_json,
+    ON_ERROR_CHOICES, UNLABELED_CHOICES, BagReport, Label, contract_from_dataset, dataset_has_episodes, format_report,
+    write_report_json,
 )
 from q_transformer_ros.data.image import ImageError, preprocess_frame
 from q_transformer_ros.data.labels import Labels, LabelsError, load_labels
@@ -718,19 +719,12 @@ def run_import(inputs: Sequence[str | Path], out: str | Path, cfg: ImportConfig,
                     reports.append(BagReport(bag=str(path), status="error", error=str(e), episodes=len(written),
                                              steps=sum(len(w.actions) for w in written)))
     except BaseException:
-        if created and out.exists() and not _has_episodes(out):
+        if created and out.exists() and not dataset_has_episodes(out):
             shutil.rmtree(out, ignore_errors=True)
         raise
-    if created and not _has_episodes(out):
+    if created and not dataset_has_episodes(out):
         shutil.rmtree(out, ignore_errors=True)
     return reports
-
-
-def _has_episodes(out: Path) -> bool:
-    try:
-        return bool(json.loads((out / "manifest.json").read_text()).get("episodes"))
-    except (OSError, ValueError):
-        return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -800,9 +794,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.contract is not None:
             contract = load_contract(args.contract)
         elif (args.out / "manifest.json").exists():
-            from q_transformer_ros.replay.format import read_manifest
-
-            contract = read_manifest(args.out).robot_contract(str(args.out / "manifest.json"))
+            contract = contract_from_dataset(args.out)
         else:
             raise LeRobotImportError("--contract is required when --out is not an existing dataset")
         cfg = ImportConfig(
@@ -821,9 +813,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     print(format_report(reports, contract, source="dataset"))
     if args.report_json is not None:
-        tmp = args.report_json.with_name(f".{args.report_json.name}.tmp")
-        tmp.write_text(report_json(reports))
-        tmp.replace(args.report_json)
+        write_report_json(args.report_json, reports)
     return 0 if not any(r.status == "error" for r in reports) else 1
 
 
