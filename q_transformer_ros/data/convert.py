@@ -637,10 +637,7 @@ def summarize(report: BagReport, episodes: list[ConvertedEpisode], contract: Rob
         acts = np.concatenate([e.actions for e in episodes])
         report.action_min = acts.min(axis=0).tolist()
         report.action_max = acts.max(axis=0).tolist()
-        for i, d in enumerate(contract.action_dims):
-            n = int(((acts[:, i] < d.low) | (acts[:, i] > d.high)).sum())
-            if n:
-                report.clipped[d.name] = n
+        report.clipped.update(outside_range(acts, contract.action_dims))
     else:
         report.status = "no episodes"
         report.error = report.error or ("; ".join(f"{n} step(s): {r}" for r, n in sorted(report.dropped.items()))
@@ -662,10 +659,18 @@ def _summarize_state(report: BagReport, episodes: list[ConvertedEpisode], contra
     values = np.concatenate([e.state for e in episodes]).astype(np.float64)
     report.state_min = values.min(axis=0).tolist()
     report.state_max = values.max(axis=0).tolist()
-    for j, spec in enumerate(contract.state_inputs):
+    report.state_outside.update(outside_range(values, contract.state_inputs))
+
+
+def outside_range(values: np.ndarray, specs: Sequence[Any]) -> dict[str, int]:
+    """Column j of ``values`` against ``specs[j]``'s [low, high] (action dims, state inputs): name -> how
+    many values lie outside, for the columns with any (the reports' clipping and range lines)."""
+    out = {}
+    for j, spec in enumerate(specs):
         n = int(((values[:, j] < spec.low) | (values[:, j] > spec.high)).sum())
         if n:
-            report.state_outside[spec.name] = n
+            out[spec.name] = n
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

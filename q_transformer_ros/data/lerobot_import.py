@@ -38,7 +38,7 @@ import yaml
 from q_transformer_ros.contract import ContractError, RobotContract, load_contract
 from q_transformer_ros.data.convert import (
     ON_ERROR_CHOICES, UNLABELED_CHOICES, BagReport, Label, contract_from_dataset, dataset_has_episodes, format_report,
-    write_report_json,
+    outside_range, write_report_json,
 )
 from q_transformer_ros.data.image import ImageError, preprocess_frame
 from q_transformer_ros.data.labels import Labels, LabelsError, load_labels
@@ -648,14 +648,12 @@ class DatasetImport:
             acts = np.concatenate([e.actions for e in episodes])
             r.action_min = acts.min(axis=0).tolist()
             r.action_max = acts.max(axis=0).tolist()
-            for i, d in enumerate(c.action_dims):
-                n = int(((acts[:, i] < d.low) | (acts[:, i] > d.high)).sum())
-                if n:
-                    r.clipped[d.name] = n
+            r.clipped.update(outside_range(acts, c.action_dims))
             if c.state_inputs:
                 states = np.concatenate([e.state for e in episodes])
+                outside = outside_range(states, c.state_inputs)
                 for i, si in enumerate(c.state_inputs):
-                    n = int(((states[:, i] < si.low) | (states[:, i] > si.high)).sum())
+                    n = outside.get(si.name, 0)
                     if n:
                         lo, hi = float(states[:, i].min()), float(states[:, i].max())
                         r.notes[f"state input '{si.name}' seen in [{lo:.4g}, {hi:.4g}], outside its range "
