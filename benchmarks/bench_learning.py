@@ -10,7 +10,8 @@
    written as one replay dataset. Cached: a rerun with the same knobs reuses it.
 2. Training, same data, same network (``--model-preset``), same steps and seed: the Q-Transformer
    objective, behaviour cloning (trainer objective ``bc``), and optional ablations of the Q-Transformer
-   (``no_conservative``: conservative weight 0; ``no_mc_bound``: no Monte-Carlo lower bound).
+   (``no_conservative``: conservative weight 0; ``conservative_01``: weight 0.1; ``no_mc_bound``: no
+   Monte-Carlo lower bound).
 3. Closed loop, ROS-free (``QTransformerPolicy`` + the simulator) on held-out layout seeds.
 4. Table: success per task for data / BC / QT (/ ablations), the predicted value on successes vs
    failures, and a reliability table of the Q-Transformer's value. Also written to ``<out>/results.md``.
@@ -54,6 +55,7 @@ VARIANTS = {
     "QT": ["--objective", "q_learning"],
     "BC": ["--objective", "bc"],
     "QT-no_conservative": ["--objective", "q_learning", "--set", "learner.conservative_weight=0"],
+    "QT-conservative_01": ["--objective", "q_learning", "--set", "learner.conservative_weight=0.1"],
     "QT-no_mc_bound": ["--objective", "q_learning", "--set", "learner.mc_lower_bound=false"],
     "QT-td_bce": ["--objective", "q_learning", "--set", "learner.td_loss=bce"],
     "QT-n_step_5": ["--objective", "q_learning", "--n-step", "5"],
@@ -80,7 +82,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--model-preset", default="tiny", choices=("tiny", "small", "base"))
     p.add_argument("--eval-episodes", type=int, default=10, help="closed-loop episodes per task (held-out seeds)")
-    p.add_argument("--ablations", nargs="*", default=[], choices=("no_conservative", "no_mc_bound", "td_bce", "n_step_5", "hl_gauss", "bc_aux", "gamma_995"),
+    p.add_argument("--ablations", nargs="*", default=[], choices=("no_conservative", "conservative_01", "no_mc_bound", "td_bce", "n_step_5", "hl_gauss", "bc_aux", "gamma_995"),
                    help="Q-Transformer variants next to QT: conservative weight 0, no MC lower bound, BCE instead "
                         "of MSE on the taken bin's Q, 5-step returns, HL-Gauss value classification (51 value bins), an auxiliary cloning term (weight 0.1), discount 0.995 instead of the contract's")
     p.add_argument("--no-bc", action="store_true", help="train and evaluate the Q-Transformer variants only")

@@ -4,7 +4,9 @@
 Starts ``sim_node`` (the robot of config/contract_ee_arm.yaml: camera, /ee_cmd, /gripper_cmd,
 /instruction, /success) and ``policy_node`` (loads the checkpoint; publishes ~/decision). Arguments:
 checkpoint, task, seed, max_episode_steps, device, params_file (policy node parameters, default the
-installed config/policy.yaml). Start a new episode with
+installed config/policy.yaml), use_sim_time (default true: sim_node publishes /clock and steps as soon
+as the policy's command arrives, the policy node follows /clock; false: a wall-clock sim at the
+contract's rate, to watch it in real time). Start a new episode with
 ``ros2 service call /sim_node/reset std_srvs/srv/Trigger`` (after ``ros2 param set /sim_node seed 7``).
 Without the ros2 CLI, the same two nodes run from ``python -m q_transformer_ros.demo --stages eval``.
 """
@@ -29,6 +31,8 @@ def generate_launch_description():
         DeclareLaunchArgument("max_episode_steps", default_value="120", description="Steps before an episode ends as failed."),
         DeclareLaunchArgument("device", default_value="cpu", description="Torch device of the policy (auto, cpu, cuda)."),
         DeclareLaunchArgument("params_file", default_value=policy_params, description="policy_node parameters (YAML)."),
+        DeclareLaunchArgument("use_sim_time", default_value="true",
+                              description="Sim time: sim_node publishes /clock and skips idle time; false = wall clock."),
         Node(
             package="q_transformer_ros",
             executable="sim_node",
@@ -38,6 +42,7 @@ def generate_launch_description():
                 "task": LaunchConfiguration("task"),
                 "seed": LaunchConfiguration("seed"),
                 "max_episode_steps": LaunchConfiguration("max_episode_steps"),
+                "publish_clock": LaunchConfiguration("use_sim_time"),
             }],
             output="screen",
             emulate_tty=True,
@@ -48,7 +53,8 @@ def generate_launch_description():
             name="policy_node",
             parameters=[
                 LaunchConfiguration("params_file"),
-                {"checkpoint": LaunchConfiguration("checkpoint"), "device": LaunchConfiguration("device")},
+                {"checkpoint": LaunchConfiguration("checkpoint"), "device": LaunchConfiguration("device"),
+                 "use_sim_time": LaunchConfiguration("use_sim_time")},
             ],
             output="screen",
             emulate_tty=True,

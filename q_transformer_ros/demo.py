@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", nargs="*", choices=STAGES, metavar="STAGE",
                    help="redo these stages (no name: all) even if their output exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--wall-clock", action="store_true",
+                   help="run the sim at the control rate in wall-clock time (default: sim time, /clock from sim_node, "
+                        "every step as soon as its command arrives)")
     p.add_argument("--train-arg", action="append", default=[], metavar="ARG",
                    help="extra flag for the trainer, e.g. --train-arg=--set --train-arg=learner.conservative_weight=0")
     return p
@@ -75,6 +78,8 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
     given["progress"] = not args.no_progress
     if args.no_bc:
         given["compare_bc"] = False
+    if args.wall_clock:
+        given["sim_time"] = False
     return DemoConfig.quick(**given) if args.quick else DemoConfig(**given)
 
 

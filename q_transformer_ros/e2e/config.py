@@ -80,6 +80,11 @@ class DemoConfig:
     with this camera size (the sim renders it, the model trains on it). None = the contract's own size.
     Why 32 by default: on 2 CPU cores a training step at 64x64 costs ~5x more, and the objects of the
     default tasks stay visible at 32x32."""
+    sim_time: bool = True
+    """Sim time: ``sim_node`` publishes /clock and steps as soon as the expert's or the policy's command
+    arrives, every other node runs with ``use_sim_time`` (``sim.sim_clock``): recording and the closed loop
+    run as fast as the loop allows instead of at the control rate, with the same stamps and message
+    latencies a 10 Hz robot would show. False = a wall-clock sim at the control rate."""
     domain_id: int = -1
     """ROS_DOMAIN_ID of every node of the run; -1 = chosen from the process id (100..199)."""
     convert_workers: int = 2

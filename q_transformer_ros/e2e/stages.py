@@ -117,7 +117,12 @@ def cfg_logs_hint(nodes: NodeGroup) -> str:
 
 def _sim_params(cfg: DemoConfig) -> dict[str, Any]:
     return {"contract": str(cfg.contract.resolve()), "reset_on_start": False, "max_episode_steps": cfg.max_episode_steps,
-            "task": cfg.tasks[0]}
+            "task": cfg.tasks[0], "publish_clock": cfg.sim_time}
+
+
+def _clock_params(cfg: DemoConfig) -> dict[str, Any]:
+    """Parameters of every node that follows the sim's clock (all but sim_node and the demo's driver)."""
+    return {"use_sim_time": True} if cfg.sim_time else {}
 
 
 def _progress(total: int, initial: int, desc: str, enabled: bool) -> Any:
@@ -146,11 +151,13 @@ def record(cfg: DemoConfig) -> dict[str, Any]:
 
         contract = load_contract(cfg.contract)
         logs = cfg.logs_dir
-        recorder = {"output_dir": str(cfg.bags_dir.resolve()), "storage": "mcap", "stop_on_success": False}
+        recorder = {"output_dir": str(cfg.bags_dir.resolve()), "storage": "mcap", "stop_on_success": False,
+                    **_clock_params(cfg)}
         with NodeGroup() as nodes, RosSession(contract, cfg.contract, cfg.domain_id, recorder_params=recorder) as ros:
             nodes.start("sim_node", "q_transformer_ros.ros.sim_node", _sim_params(cfg), logs / "record_sim_node.log", cfg.domain_id)
             nodes.start("expert_node", "q_transformer_ros.ros.expert_node",
-                        {"contract": str(cfg.contract.resolve()), "seed": cfg.seed, "noise_std": 0.0},
+                        {"contract": str(cfg.contract.resolve()), "seed": cfg.seed, "noise_std": 0.0,
+                         **_clock_params(cfg)},
                         logs / "record_expert_node.log", cfg.domain_id)
             _say(f"record: sim_node + expert_node started (ROS_DOMAIN_ID={cfg.domain_id}, logs in {logs}); "
                  f"recorder in this process -> {cfg.bags_dir}")
@@ -323,7 +330,8 @@ def closed_loop(cfg: DemoConfig, checkpoint: Path, log: Path, label: str,
     with NodeGroup() as nodes, RosSession(contract, cfg.contract, cfg.domain_id, with_decisions=True) as ros:
         nodes.start("sim_node", "q_transformer_ros.ros.sim_node", _sim_params(cfg), logs / f"{tag}_sim_node.log", cfg.domain_id)
         nodes.start("policy_node", "q_transformer_ros.ros.policy_node",
-                    {"checkpoint": str(checkpoint.resolve()), "device": cfg.device, "enable_on_start": False},
+                    {"checkpoint": str(checkpoint.resolve()), "device": cfg.device, "enable_on_start": False,
+                     **_clock_params(cfg)},
                     logs / f"{tag}_policy_node.log", cfg.domain_id)
         _say(f"eval: sim_node + policy_node ({checkpoint}) started (ROS_DOMAIN_ID={cfg.domain_id}, logs in {logs})")
         if not ros.decisions_available:

@@ -33,7 +33,7 @@ from std_srvs.srv import SetBool, Trigger
 
 from q_transformer_ros.contract import RobotContract
 from q_transformer_ros.ros.conversions import group_outputs, message_class
-from q_transformer_ros.ros.qos import COMMAND_QOS, DIAGNOSTIC_QOS, INSTRUCTION_QOS, SENSOR_QOS
+from q_transformer_ros.ros.qos import COMMAND_QOS, DIAGNOSTIC_QOS, INSTRUCTION_QOS, RECORD_QOS, RECORD_RELIABLE_QOS
 
 SIM = "/sim_node"
 EXPERT = "/expert_node"
@@ -43,6 +43,10 @@ STOP_DELAY_S = 0.05
 may still be in flight; its next (idle) tick comes a whole control period later."""
 
 
+QUIET_S = 1.0
+"""After ``episode_end`` with fewer step messages than steps: stop once none came for this long."""
+DRAIN_LIMIT_S = 5.0
+"""Longest wait after ``episode_end`` for the episode's queued step messages to be taken."""
 END_GRACE_S = 1.5
 """Without ``episode_end``, an episode whose success messages stopped this long ago is over."""
 
@@ -87,12 +91,12 @@ class EpisodeDriver(Node):
         # Success before episode_end: when callbacks queue up, the executor serves subscriptions in
         # creation order, so an episode's steps are counted before its end is handled.
         if contract.success.topic:
-            self.create_subscription(Bool, contract.success.topic, self._on_success, DIAGNOSTIC_QOS)
-        self.create_subscription(String, f"{SIM}/episode_end", self._on_end, DIAGNOSTIC_QOS)
+            self.create_subscription(Bool, contract.success.topic, self._on_success, RECORD_RELIABLE_QOS)
+        self.create_subscription(String, f"{SIM}/episode_end", self._on_end, RECORD_RELIABLE_QOS)
         if decision_cls is not None:
-            self.create_subscription(decision_cls, f"{POLICY}/decision", self._on_decision, DIAGNOSTIC_QOS)
+            self.create_subscription(decision_cls, f"{POLICY}/decision", self._on_decision, RECORD_RELIABLE_QOS)
         cam = contract.cameras[0]
-        self.create_subscription(Image, cam.topic, self._on_image, SENSOR_QOS)
+        self.create_subscription(Image, cam.topic, self._on_image, RECORD_QOS)  # every frame of the GIF
         self.create_subscription(String, contract.instruction.topic or "/instruction", self._on_instruction,
                                  INSTRUCTION_QOS)
         self.create_subscription(Float64MultiArray, f"{SIM}/observation", self._on_observation, DIAGNOSTIC_QOS)
@@ -199,9 +203,13 @@ class EpisodeDriver(Node):
 
     def _maybe_stop(self) -> None:
         with self._lock:
-            waited = time.monotonic() - self._end_time
-            need_success = self._end_reason == "success" and not self._saw_success
-        if waited < STOP_DELAY_S or (need_success and waited < 1.0):
+            now = time.monotonic()
+            waited, quiet = now - self._end_time, now - self._last_step_time
+            # Every step's message taken? A sim on sim time runs ahead of a busy executor: the step messages
+            # still queued here are taken first, and with them the recorder's frames and commands of those
+            # steps (same executor, served in the same rounds). A lost message: wait until they stop coming.
+            complete = self._saw_success if self._end_reason == "success" else self._steps >= self._max_steps
+        if waited < STOP_DELAY_S or (not complete and quiet < QUIET_S and waited < DRAIN_LIMIT_S):
             return
         if self._record and self.recorder is not None and self.recorder.writer is not None:
             try:

@@ -11,9 +11,15 @@ two of them.
 - ``INSTRUCTION_QOS``: the language instruction. Reliable and transient-local (latched): a node that
   starts after the instruction was published still receives it. Publishers must use it too.
 - ``DIAGNOSTIC_QOS``: decision messages and other diagnostics: reliable, queue of 10.
-- ``STATE_RECORD_QOS``: the recorder's state-input subscriptions: best effort like the sensor profile
-  (matches any publisher), but a queue, so a 100 Hz /joint_states is recorded whole while the
-  recorder's thread writes an image.
+- ``RECORD_QOS``: the recorder's camera and state-input subscriptions: best effort like the sensor
+  profile (matches any publisher), but a queue, so a 100 Hz /joint_states is recorded whole while the
+  recorder's thread writes an image, and a sim running faster than real time loses no frame.
+- ``RECORD_RELIABLE_QOS``: the recorder's (and the demo driver's) command and success subscriptions:
+  reliable like the commands, with a queue deep enough for a sim stepping 100+ times a second while the
+  subscriber's thread is busy for a while (a keep-last reader overwrites what it has not taken).
+- ``CLOCK_QOS``: the sim's ``/clock``: reliable, which also matches rclpy's best-effort clock
+  subscription (``use_sim_time``), with a deep history: a recorder maps reception times to sim time
+  through every sample, and a keep-last writer would overwrite a jump a busy reader had not yet taken.
 """
 
 from __future__ import annotations
@@ -52,10 +58,26 @@ DIAGNOSTIC_QOS = QoSProfile(
 )
 """Decision messages and other per-step diagnostics."""
 
-STATE_RECORD_QOS = QoSProfile(
+RECORD_QOS = QoSProfile(
     history=HistoryPolicy.KEEP_LAST,
     depth=100,
     reliability=ReliabilityPolicy.BEST_EFFORT,
     durability=DurabilityPolicy.VOLATILE,
 )
-"""Recording state topics: every message kept (best effort matches reliable and best-effort publishers)."""
+"""Recording cameras and state topics: every message kept (best effort matches reliable and best-effort publishers)."""
+
+RECORD_RELIABLE_QOS = QoSProfile(
+    history=HistoryPolicy.KEEP_LAST,
+    depth=200,
+    reliability=ReliabilityPolicy.RELIABLE,
+    durability=DurabilityPolicy.VOLATILE,
+)
+"""Recording commands and success (and /clock samples): reliable, every message kept."""
+
+CLOCK_QOS = QoSProfile(
+    history=HistoryPolicy.KEEP_LAST,
+    depth=200,
+    reliability=ReliabilityPolicy.RELIABLE,
+    durability=DurabilityPolicy.VOLATILE,
+)
+"""``/clock`` (rosgraph_msgs/Clock) published by ``sim_node`` with ``publish_clock``."""

@@ -13,8 +13,15 @@ into ``output_dir`` when the episode ends, with a standard metadata.yaml, so bot
 stock rosbag2 tools read it. The current instruction (latched topic) is written at the start of every
 episode and also stored in the bag's ``custom_data``.
 
+Log times: the node clock when the callback runs. Under ``use_sim_time`` the log time is instead the
+sim time at which the middleware *received* the message (``reception_time.ReceptionTime``): a sim that
+skips idle time moves ``/clock`` by most of a period the moment a command arrives, and a callback that
+runs a few milliseconds late would otherwise log that command next to the following frame. Cameras are
+subscribed with a queue (``qos.RECORD_QOS``), so a recorder that falls behind a fast sim loses no frame.
+
 Parameters: ``contract`` (path), ``output_dir``, ``storage`` (mcap | sqlite3), ``bag_prefix``,
-``stop_on_success``, ``instruction`` (fallback text when there is no instruction topic).
+``stop_on_success``, ``instruction`` (fallback text when there is no instruction topic),
+``use_sim_time`` (ROS's own).
 """
 
 from __future__ import annotations
@@ -26,13 +33,15 @@ from typing import Any, Callable
 
 import rclpy
 from rclpy.node import Node
+from rosgraph_msgs.msg import Clock as ClockMsg
 from std_srvs.srv import Trigger
 
 from q_transformer_ros.data.bag_writer import BagWriter
 from q_transformer_ros.contract import RobotContract, load_contract
 from q_transformer_ros.ros.conversions import message_class
-from q_transformer_ros.ros.qos import COMMAND_QOS, INSTRUCTION_QOS, SENSOR_QOS, STATE_RECORD_QOS
+from q_transformer_ros.ros.qos import INSTRUCTION_QOS, RECORD_QOS, RECORD_RELIABLE_QOS
 from q_transformer_ros.ros.params import declare
+from q_transformer_ros.ros.reception_time import ReceptionTime
 from q_transformer_ros.ros.runner import print_help_if_asked, spin_node
 
 
@@ -90,16 +99,24 @@ class EpisodeRecorder(Node):
         self.finished: list[Path] = []
         """Bags completed by this node, in order."""
         self.last_instruction: tuple[bytes, str] | None = None
+        self._instruction_time = 0
         self.state_topics = {s.source.topic for s in self.contract.state_inputs}
         self.last_state: dict[str, tuple[int, bytes]] = {}
         """State topic -> (receive time, raw message) of its newest message, episode or not."""
         self._subs = []
+        self._reception: ReceptionTime | None = None
+        if self.get_parameter("use_sim_time").value:
+            # Created before the topics' subscriptions: a clock sample and a message that are both waiting
+            # are taken sample first (rclpy's executor serves ready subscriptions in creation order).
+            self._reception = ReceptionTime()
+            self._clock_sub = self.create_subscription(ClockMsg, "/clock", self._on_clock, RECORD_RELIABLE_QOS)
+            self._subs.append(self._clock_sub)
         state_first = sorted(self.topics.items(), key=lambda item: item[1][1] != "state")
         for topic, (msg_type, role) in state_first:
-            qos = {"camera": SENSOR_QOS, "state": STATE_RECORD_QOS, "instruction": INSTRUCTION_QOS}.get(role, COMMAND_QOS)
+            qos = {"camera": RECORD_QOS, "state": RECORD_QOS, "instruction": INSTRUCTION_QOS}.get(role, RECORD_RELIABLE_QOS)
             self._subs.append(self.create_subscription(
-                message_class(msg_type), topic, lambda raw, t=topic, r=role: self._on_message(t, r, raw), qos,
-                raw=True))
+                message_class(msg_type), topic, lambda raw, info, t=topic, r=role: self._on_received(t, r, raw, info),
+                qos, raw=True))
         self.create_service(Trigger, "~/start_episode", self._on_start)
         self.create_service(Trigger, "~/stop_episode", self._on_stop)
         self.get_logger().info(f"recording contract '{self.contract.name}' topics {sorted(self.topics)} "
@@ -121,13 +138,20 @@ class EpisodeRecorder(Node):
             writer.write_raw(topic, t, raw)  # the state in force when the episode starts (older than it)
         if self.last_instruction is not None and self.contract.instruction.topic:
             raw, _ = self.last_instruction  # latched: every episode bag starts with its instruction
-            writer.write_raw(self.contract.instruction.topic, self._now(), raw)
+            # (sim time: at its reception, not now, which may be after the episode's first frames' reception)
+            when = self._now() if self._reception is None else min(self._now(), self._instruction_time)
+            writer.write_raw(self.contract.instruction.topic, when, raw)
         self.get_logger().info(f"episode started: {writer.path}")
         return writer.path
 
     def stop_episode(self) -> Path:
         if self.writer is None:
             raise RuntimeError("no episode is being recorded")
+        if self._reception is not None:  # what arrived before the stop belongs to the episode
+            for t, (topic, role, raw) in self._reception.flush():
+                self._on_message(topic, role, raw, self._now() if t is None else t)
+            if self.writer is None:  # a success among them ended the episode already
+                return self.finished[-1]
         writer, self.writer = self.writer, None
         fallback = str(self.get_parameter("instruction").value)
         text = self.last_instruction[1] if self.last_instruction is not None else fallback
@@ -145,10 +169,35 @@ class EpisodeRecorder(Node):
     def _now(self) -> int:
         return self.get_clock().now().nanoseconds
 
-    def _on_message(self, topic: str, role: str, raw: bytes) -> None:
-        now = self._now()
+    def _on_clock(self, msg: ClockMsg, info: Any) -> None:
+        """A /clock sample, and every other one already queued: rclpy's executor takes one message per
+        subscription per round, and /clock comes faster than the recorded topics; without draining, its
+        queue would fall ever further behind them while the recorder is busy."""
+        assert self._reception is not None
+        samples = [(msg, info)]
+        handle = getattr(self._clock_sub, "handle", None)
+        if handle is not None:
+            with handle:
+                while (taken := handle.take_message(ClockMsg, False)) is not None:
+                    samples.append(taken)
+        for sample, sample_info in samples:
+            sim_ns = sample.clock.sec * 1_000_000_000 + sample.clock.nanosec
+            received = sample_info["received_timestamp"] or time.time_ns()
+            for t, (topic, role, raw) in self._reception.on_clock(sim_ns, received):
+                self._on_message(topic, role, raw, self._now() if t is None else t)
+
+    def _on_received(self, topic: str, role: str, raw: bytes, info: Any) -> None:
+        if self._reception is None:
+            self._on_message(topic, role, raw, self._now())
+            return
+        received = info["received_timestamp"] or time.time_ns()  # 0: the middleware does not stamp
+        for t, (tp, r, data) in self._reception.add(received, (topic, role, bytes(raw)), time.time_ns()):
+            self._on_message(tp, r, data, self._now() if t is None else t)
+
+    def _on_message(self, topic: str, role: str, raw: bytes, now: int) -> None:
         if role == "instruction":
             self.last_instruction = (bytes(raw), _decode_string(raw))
+            self._instruction_time = now
         if topic in self.state_topics:
             self.last_state[topic] = (now, bytes(raw))
         if self.writer is None:

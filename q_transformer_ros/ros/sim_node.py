@@ -29,6 +29,18 @@ Subscribed (reliable): each contract target topic (``/ee_cmd`` TwistStamped -> d
 [-1, 1] (1.0 = 1 cm of hand motion per step; gripper -1 open, +1 close). A topic silent for longer
 than ``command_timeout_s`` (and before its first message after a reset) counts as zero.
 
+Sim time (``publish_clock:=true``): the node is the clock of the ROS graph. It publishes
+``/clock`` (``rosgraph_msgs/Clock``) from a ``sim.sim_clock.FastForwardClock`` and stamps everything
+with it; the other nodes run with ``use_sim_time:=true``. During an episode it steps as soon as every
+command topic has answered the last frame (the idle rest of the control period is skipped) and at the
+latest when the period is over, as a robot would; between answer and step, sim time runs at wall
+speed, so message latencies, stamps and staleness stay what they are in real time. Recording and the
+closed loop are then bound by compute, not by the control rate. A command that arrives after its
+period was over counts as the answer to the next frame (the loop is overrunning; a real robot would
+apply it at the next tick as well, but a period later). An episode's first step waits its whole
+period, so that a recorder starting on the new instruction misses nothing. Without an episode (hold),
+the clock runs at wall speed and frames come at the control rate.
+
 Service ``~/reset`` (``std_srvs/Trigger``) starts an episode of the parameters ``task`` and
 ``seed`` (set them first, e.g. through ``~/set_parameters``); its message reports task, seed and
 instruction. Standard types only: no custom srv needs building.
@@ -45,8 +57,11 @@ import numpy as np
 import rclpy
 from geometry_msgs.msg import PoseStamped
 from rcl_interfaces.msg import SetParametersResult
+from rclpy.clock import Clock, ClockType
 from rclpy.node import Node
 from rclpy.parameter import Parameter
+from rclpy.time import Time
+from rosgraph_msgs.msg import Clock as ClockMsg
 from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import Bool, Float64MultiArray, MultiArrayDimension, String
 from std_srvs.srv import Trigger
@@ -54,7 +69,9 @@ from std_srvs.srv import Trigger
 from q_transformer_ros.contract import RobotContract, load_contract
 from q_transformer_ros.data.messages import read_field
 from q_transformer_ros.ros.conversions import group_outputs, message_class
-from q_transformer_ros.ros.qos import COMMAND_QOS, DIAGNOSTIC_QOS, INSTRUCTION_QOS, SENSOR_QOS
+from q_transformer_ros.ros.qos import (
+    CLOCK_QOS, COMMAND_QOS, DIAGNOSTIC_QOS, INSTRUCTION_QOS, RECORD_RELIABLE_QOS, SENSOR_QOS,
+)
 from q_transformer_ros.ros.params import declare, param, parse_pairs
 from q_transformer_ros.ros.runner import print_help_if_asked, spin_node
 from q_transformer_ros.sim.metaworld_env import (
@@ -63,6 +80,7 @@ from q_transformer_ros.sim.metaworld_env import (
     contract_action_order,
     resolve_cameras,
 )
+from q_transformer_ros.sim.sim_clock import FastForwardClock
 from q_transformer_ros.sim.tasks import TASK_INSTRUCTIONS
 
 NODE_NAME = "sim_node"
@@ -91,7 +109,11 @@ USAGE = ('sim_node [-h] --ros-args'
          ' [-p contract:=CONTRACT.yaml]'
          ' [-p task:=drawer-open-v3]'
          ' [-p seed:=0]'
-         ' [-p max_episode_steps:=150]')
+         ' [-p max_episode_steps:=150]'
+         ' [-p publish_clock:=true]')
+CLOCK_TIMER_S = 0.01
+"""With ``publish_clock``: how often (wall time) /clock goes out and the period's end is checked (and
+at every step). Finer would only cost: between samples, sim time runs at wall speed."""
 
 class SimNode(Node):
     """Steps a MetaWorldEnv at the contract's rate with the latest commands; publishes its senses."""
@@ -117,13 +139,28 @@ class SimNode(Node):
         self._reset_time = 0.0
         # latest command per target topic: (receive time, {dim index: value})
         self._commands: dict[str, tuple[float, dict[int, float]]] = {}
+        self.sim_clock: FastForwardClock | None = (
+            FastForwardClock(int(round(self.period_s * 1e9))) if self._param("publish_clock") else None)
+        self._command_topics = {g.topic for g in group_outputs(c)}
+        self._answered: set[str] = set()
+        self._first_step_pending = False
+        """Sim time: an episode's first step waits its whole period (wall speed), so a recorder that starts
+        on the new instruction is running before anything moves (as with a wall-clock sim)."""
+        """Command topics heard from since the last frame went out (sim time: all of them = step now)."""
+        self.step_log: list[tuple[np.ndarray, np.ndarray]] = []
+        """This episode's steps: (hand position in the frame that went out before the step, Meta-World action
+        applied). What a recording of the episode must pair; cleared at each reset."""
+        self.steps_answered = 0
+        """Steps taken as soon as every command topic had answered (sim time), not at the period's end."""
 
         self._image_pubs = {cam.name: self.create_publisher(Image, cam.topic, SENSOR_QOS) for cam in c.cameras}
         self._instruction_pub = (self.create_publisher(String, c.instruction.topic, INSTRUCTION_QOS)
                                  if c.instruction.topic else None)
-        self._success_pub = self.create_publisher(Bool, c.success.topic, DIAGNOSTIC_QOS) if c.success.topic else None
+        # A deep history: a sim stepping 100+ times a second must not overwrite a step's outcome before a
+        # busy reader (recorder, demo driver) acknowledged it.
+        self._success_pub = self.create_publisher(Bool, c.success.topic, RECORD_RELIABLE_QOS) if c.success.topic else None
         self._task_pub = self.create_publisher(String, "~/task", INSTRUCTION_QOS)
-        self._end_pub = self.create_publisher(String, "~/episode_end", DIAGNOSTIC_QOS)
+        self._end_pub = self.create_publisher(String, "~/episode_end", RECORD_RELIABLE_QOS)
         self._pose_pub = self.create_publisher(PoseStamped, "~/ee_pose", SENSOR_QOS)
         self._state_pubs = {"pose": self.create_publisher(PoseStamped, self._param("ee_pose_topic"), SENSOR_QOS),
                             "gripper": self.create_publisher(JointState, self._param("gripper_state_topic"), SENSOR_QOS)}
@@ -136,11 +173,17 @@ class SimNode(Node):
         self.add_on_set_parameters_callback(self._check_parameters)
         if self._param("reset_on_start"):
             self.reset_episode(self._param("task"), self._param("seed"))
-        self._timer = self.create_timer(self.period_s, self._on_tick)
+        if self.sim_clock is None:
+            self._timer = self.create_timer(self.period_s, self._on_tick)
+        else:  # wall-clock timer: the sim's own time only moves through this node
+            self._clock_pub = self.create_publisher(ClockMsg, "/clock", CLOCK_QOS)
+            self._timer = self.create_timer(CLOCK_TIMER_S, self._on_clock_timer,
+                                            clock=Clock(clock_type=ClockType.STEADY_TIME))
         self.get_logger().info(
             f"contract '{c.name}' ({contract_file}): cameras {self.camera_map}, {rate:g} Hz, "
             f"commands {[g.topic for g in group_outputs(c)]}, timeout {self.command_timeout_s:g} s, "
             f"max_episode_steps {self._param('max_episode_steps')}"
+            + ("; sim time: publishing /clock, stepping as soon as the commands answer" if self.sim_clock else "")
         )
 
     # -- parameters ---------------------------------------------------------------------------
@@ -160,6 +203,8 @@ class SimNode(Node):
         d("command_timeout_s", 0.0, "Commands older than this count as zero; 0 = the contract's max_frame_age_s.")
         d("reset_on_start", True, "Start an episode of task/seed at start-up (else wait for ~/reset).")
         d("world_frame", "world", "frame_id of the end-effector poses.")
+        d("publish_clock", False, "Sim time: publish /clock and step as soon as every command topic answered the last "
+                                  "frame (idle time skipped); run the other nodes with use_sim_time:=true.")
         d("ee_pose_topic", "/ee_pose", "Where the hand pose goes (geometry_msgs/PoseStamped): the ee state inputs.")
         d("gripper_state_topic", "/gripper_state", "Where the gripper opening goes (sensor_msgs/JointState, joint "
                                                    "'gripper').")
@@ -197,14 +242,48 @@ class SimNode(Node):
             except Exception as e:  # noqa: BLE001 - a malformed command must not kill the robot
                 self.get_logger().warning(f"command on {topic} ignored: {e}", throttle_duration_sec=2.0)
                 return
-            self._commands[topic] = (time.monotonic(), values)
+            self._commands[topic] = (self._now_s(), values)
+            if self.sim_clock is not None and self.episode_active and not self._first_step_pending:
+                self._answered.add(topic)
+                if self._answered >= self._command_topics:
+                    self.steps_answered += 1
+                    self._step_now()
 
         return on_command
+
+    # -- time -----------------------------------------------------------------------------------
+    def _now_s(self) -> float:
+        """Seconds on the clock command ages are measured with: sim time, else the monotonic wall clock."""
+        return self.sim_clock.now_ns() / 1e9 if self.sim_clock is not None else time.monotonic()
+
+    def _stamp(self) -> Any:
+        if self.sim_clock is not None:
+            return Time(nanoseconds=self.sim_clock.now_ns()).to_msg()
+        return self.get_clock().now().to_msg()
+
+    def _publish_clock(self, now_ns: int) -> None:
+        self._clock_pub.publish(ClockMsg(clock=Time(nanoseconds=now_ns).to_msg()))
+
+    def _on_clock_timer(self) -> None:
+        """Sim time: publish the time; step (with what commands there are) once the period is over."""
+        assert self.sim_clock is not None
+        if self.sim_clock.tick_due():
+            self._step_now()
+        else:
+            self._publish_clock(self.sim_clock.now_ns())
+
+    def _step_now(self) -> None:
+        """Sim time: move the clock to this step's tick (publish it before the frames it stamps), step."""
+        assert self.sim_clock is not None
+        self._publish_clock(self.sim_clock.start_tick())
+        self._answered.clear()
+        self._first_step_pending = False
+        self._on_tick()
 
     def current_action(self) -> np.ndarray:
         """The Meta-World action (4,) from the freshest commands; stale or missing dims are 0."""
         action = np.zeros(len(self.contract.action_dims))
-        now = time.monotonic()
+        now = self._now_s()
         for received, values in self._commands.values():
             if received >= self._reset_time and now - received <= self.command_timeout_s:
                 for i, v in values.items():
@@ -226,7 +305,12 @@ class SimNode(Node):
         self.episode_active, self.end_reason = True, ""
         self.episode_index += 1
         self._commands.clear()
-        self._reset_time = time.monotonic()
+        self._answered.clear()
+        self.step_log = []
+        self._reset_time = self._now_s()
+        if self.sim_clock is not None:
+            self.sim_clock.restart_period()
+            self._first_step_pending = True
         instruction = self.env.instruction
         if self._instruction_pub is not None:
             self._instruction_pub.publish(String(data=instruction))
@@ -260,7 +344,9 @@ class SimNode(Node):
         if not self.episode_active:
             self._publish_state(step_success=None)  # hold: frames keep coming for late subscribers
             return
-        result = self.env.step(self.current_action())
+        action = self.current_action()
+        self.step_log.append((np.asarray(self.env.ee_position, dtype=np.float64).copy(), action))
+        result = self.env.step(action)
         self._publish_state(step_success=result.success)
         if result.success and self.end_on_success:
             self._end_episode("success")
@@ -271,7 +357,7 @@ class SimNode(Node):
     def _publish_state(self, step_success: bool | None) -> None:
         env = self.env
         assert env is not None
-        stamp = self.get_clock().now().to_msg()
+        stamp = self._stamp()
         self._publish_arm_state(env, stamp)  # before the frames: see the module docstring
         for cam in self.contract.cameras:
             mw_cam = self.camera_map[cam.name]
