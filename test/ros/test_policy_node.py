@@ -5,7 +5,8 @@ every command the policy node sends. Checked: commands of the right type, size a
 contract output (TwistStamped + Float64MultiArray, and JointTrajectory with delta dims on top of
 /joint_states), a stale camera gives exactly one stop and then silence, an instruction change clears
 the history, bad frames give a warning and no crash, the scoring service answers, ``~/enable false``
-stops the commands, and the parameter file and launch file are well formed.
+stops the commands, the parameter file and launch file are well formed, and with ``use_sim_time`` the
+staleness checks run on the sim's /clock, not the wall clock.
 """
 
 from __future__ import annotations
@@ -144,8 +145,8 @@ class SpyPolicy:
 class FakeRobot(Node):
     """Plays the robot: cameras at 30 Hz, joint states, instruction; records commands and decisions."""
 
-    def __init__(self, contract: RobotContract) -> None:
-        super().__init__("fake_robot")
+    def __init__(self, contract: RobotContract, **node_kwargs: Any) -> None:
+        super().__init__("fake_robot", **node_kwargs)
         self.contract = contract
         self.lock = threading.Lock()
         self.commands: dict[str, list[tuple[float, Any]]] = {}
@@ -221,12 +222,13 @@ class Harness:
     """Policy node and fake robot, each on its own SingleThreadedExecutor and thread, as two processes
     would run them (the node's ``main`` spins a SingleThreadedExecutor; its model has its own thread)."""
 
-    def __init__(self, contract: RobotContract, policy: Any, managed: bool = False, **params: Any) -> None:
+    def __init__(self, contract: RobotContract, policy: Any, managed: bool = False, robot_params: dict | None = None,
+                 **params: Any) -> None:
         overrides = [Parameter(k, value=v) for k, v in params.items()]
         self.policy = SpyPolicy(policy)
         node_cls = ManagedPolicyNode if managed else PolicyNode
         self.node = node_cls(self.policy, parameter_overrides=overrides)
-        self.robot = FakeRobot(contract)
+        self.robot = FakeRobot(contract, parameter_overrides=[Parameter(k, value=v) for k, v in (robot_params or {}).items()])
         self.executors = [SingleThreadedExecutor(), SingleThreadedExecutor()]
         self.executors[0].add_node(self.node)
         self.executors[1].add_node(self.robot)
@@ -710,3 +712,56 @@ def test_two_robots_side_by_side_in_two_namespaces(policies, tmp_path) -> None:
             t.join(timeout=5.0)
         for n in [*nodes, *robots]:
             n.destroy_node()
+
+
+class SimClock(Node):
+    """Publishes /clock like a simulator: at wall speed while running, frozen when paused, or jumping."""
+
+    def __init__(self) -> None:
+        from rclpy.clock import Clock, ClockType  # noqa: PLC0415
+        from rosgraph_msgs.msg import Clock as ClockMsg  # noqa: PLC0415
+
+        super().__init__("sim_clock")
+        self._msg = ClockMsg
+        self.pub = self.create_publisher(ClockMsg, "/clock", 10)
+        self.sim_ns, self.running, self._last = 1_000_000_000_000, True, time.monotonic_ns()
+        self.create_timer(0.005, self._tick, clock=Clock(clock_type=ClockType.STEADY_TIME))
+
+    def _tick(self) -> None:
+        now = time.monotonic_ns()
+        if self.running:
+            self.sim_ns += now - self._last
+        self._last = now
+        from rclpy.time import Time  # noqa: PLC0415
+        self.pub.publish(self._msg(clock=Time(nanoseconds=self.sim_ns).to_msg()))
+
+
+def test_staleness_is_judged_in_sim_time(policies) -> None:
+    """use_sim_time: a paused sim (no frames, /clock frozen) for 1 s of wall time, 3x the frame age limit,
+    is no reason to stop, since no robot time passed; a camera silent while sim time jumps 2 s is."""
+    h = Harness(ee_contract(), policies["ee"], use_sim_time=True, robot_params={"use_sim_time": True})
+    clock = SimClock()
+    clock_exec = SingleThreadedExecutor()
+    clock_exec.add_node(clock)
+    thread = threading.Thread(target=clock_exec.spin, daemon=True)
+    thread.start()
+    try:
+        start(h)
+        stops = h.node.stops
+        clock.running = False  # the sim pauses: its camera timer (sim time) stops too
+        time.sleep(1.0)
+        assert h.node.stops == stops, f"stopped on wall time while the sim was paused: {h.node.stop_reason}"
+        clock.running = True
+        h.wait_for(lambda: len(h.robot.since("/t/ee_cmd", time.monotonic() - 0.2)) >= 2, what="commands after the pause")
+        assert h.node.stops == stops
+        h.robot.camera_mode["front"] = "off"
+        clock.running = False
+        time.sleep(0.1)
+        clock.sim_ns += 2_000_000_000  # 2 s of sim time go by in one jump, the camera silent
+        h.wait_for(lambda: "'front'" in (h.node.stop_reason or ""), what="a stop for the camera silent in sim time")
+        assert h.node.stops > stops
+    finally:
+        clock_exec.shutdown(timeout_sec=5.0)
+        thread.join(timeout=5.0)
+        clock.destroy_node()
+        h.close()
