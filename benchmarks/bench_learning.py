@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -85,6 +86,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--ablations", nargs="*", default=[], choices=("no_conservative", "conservative_01", "no_mc_bound", "td_bce", "n_step_5", "hl_gauss", "bc_aux", "gamma_995"),
                    help="Q-Transformer variants next to QT: conservative weight 0, no MC lower bound, BCE instead "
                         "of MSE on the taken bin's Q, 5-step returns, HL-Gauss value classification (51 value bins), an auxiliary cloning term (weight 0.1), discount 0.995 instead of the contract's")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=TRAIN_ARGS",
+                   help="an extra Q-Transformer variant: its trainer flags, e.g. --variant 'lr3=--set lr=1e-3' "
+                        "(shown as QT-NAME; cached under that name, so give a changed definition a new name)")
     p.add_argument("--no-bc", action="store_true", help="train and evaluate the Q-Transformer variants only")
     p.add_argument("--augment-shift-px", type=int, default=0,
                    help="DrQ random-shift augmentation in training, pixels (0 = off), for every variant")
@@ -237,6 +241,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from q_transformer_ros.contract import load_contract
 
+    for spec in args.variant:
+        name, sep, flags = spec.partition("=")
+        if not sep or not name.strip() or f"QT-{name}" in VARIANTS:
+            raise SystemExit(f"bench_learning: --variant {spec!r}: give NAME=TRAIN_ARGS with a new NAME")
+        VARIANTS[f"QT-{name}"] = ["--objective", "q_learning", *shlex.split(flags)]
     out = Path(args.out)
     if args.force and out.exists():
         shutil.rmtree(out)
@@ -246,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         contract_path = DemoConfig(out=out, contract=contract_path, image_size=args.image_size).run_contract()
     contract = load_contract(contract_path)
     key = json.dumps({k: v for k, v in vars(args).items()
-                      if k not in ("force", "eval_episodes", "ablations", "out", "no_bc")
+                      if k not in ("force", "eval_episodes", "ablations", "variant", "out", "no_bc")
                       and not (k == "operators" and v == ["expert"])})
     if (out / "run_key.json").exists() and (out / "run_key.json").read_text() != key:
         for variant in VARIANTS:  # other knobs: models and evaluations are stale (the data cache checks itself)
@@ -258,6 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = collect(args, contract, out / "dataset")
     timings["collect"] = time.monotonic() - t0
     names = ["QT"] + ([] if args.no_bc else ["BC"]) + [f"QT-{a}" for a in args.ablations]
+    names += [f"QT-{spec.partition('=')[0]}" for spec in args.variant]
     evals: dict[str, list[EpisodeRecord]] = {}
     for name in names:
         t0 = time.monotonic()

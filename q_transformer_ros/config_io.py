@@ -7,10 +7,29 @@ keys that are allowed, the same way everywhere.
 
 from __future__ import annotations
 
+import re
 from dataclasses import fields
 from typing import Any, Mapping, TypeVar
 
+import yaml
+
 T = TypeVar("T")
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's floats: ``1e-3`` is a number, not the string "1e-3"."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text people type (config files, ``--set`` values): safe, with ``1e-3`` read as a float
+    (PyYAML follows YAML 1.1, where a float needs a dot: ``lr: 1e-3`` would arrive as a string)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def known_keys(cls: type) -> set[str]:

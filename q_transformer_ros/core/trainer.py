@@ -37,7 +37,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from q_transformer_ros.config_io import dataclass_from_dict
+from q_transformer_ros.config_io import dataclass_from_dict, load_yaml
 from q_transformer_ros.core.augment import random_shift
 from q_transformer_ros.core.checkpoint import (
     CHECKPOINT_NAME, CheckpointError, load_checkpoint, remove_stale_temp_files, rng_state, save_checkpoint,
@@ -254,7 +254,7 @@ def config_from_args(argv: Sequence[str] | None) -> TrainConfig:
         if not path.is_file():
             raise TrainError(f"{path}: training config file does not exist")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = load_yaml(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise TrainError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(loaded, dict):
@@ -271,7 +271,7 @@ def config_from_args(argv: Sequence[str] | None) -> TrainConfig:
         if "=" not in item:
             raise TrainError(f"--set {item!r}: expected KEY=VALUE")
         k, v = item.split("=", 1)
-        _set_dotted(data, k.strip(), yaml.safe_load(v))
+        _set_dotted(data, k.strip(), load_yaml(v))
     try:
         return TrainConfig.from_dict(data, where=where)
     except ValueError as e:

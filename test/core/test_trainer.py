@@ -222,6 +222,16 @@ def test_config_yaml_and_overrides():
     TrainConfig.from_dict(base)  # the shipped GPU config is valid
 
 
+def test_exponent_floats_are_numbers(tmp_path):
+    """``--set lr=1e-4`` (the trainer's own docstring example) and ``lr: 3e-5`` in a config file are floats;
+    PyYAML alone reads them as strings (YAML 1.1)."""
+    config = tmp_path / "train.yaml"
+    config.write_text("lr: 3e-5\nweight_decay: 1E-2\n")
+    cfg = config_from_args(["--config", str(config), "--dataset", "d", "--set", "learner.target_ema_tau=5e-3"])
+    assert cfg.lr == 3e-5 and cfg.weight_decay == 0.01 and cfg.learner["target_ema_tau"] == 0.005
+    assert config_from_args(["--dataset", "d", "--set", "lr=1e-4"]).lr == 1e-4
+
+
 def test_several_datasets_merge_instruction_tables(tmp_path):
     from q_transformer_ros.core.replay_dataset import ReplayDataset
     from q_transformer_ros.core.trainer import BatchDataset
