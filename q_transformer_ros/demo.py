@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="training batch size")
     p.add_argument("--model-preset", choices=("tiny", "small", "base"), help="network size")
     p.add_argument("--objective", choices=("q_learning", "bc"), help="q_learning (Q-Transformer) or bc")
+    p.add_argument("--conservative-weight", type=float,
+                   help="weight of the Q-Transformer's conservative term (default 1, the paper's)")
     p.add_argument("--text-encoder-weights", help="local open_clip weights file for the instruction encoder")
     p.add_argument("--eval-episodes", type=int, help="closed-loop episodes per task (held-out seeds)")
     p.add_argument("--no-bc", action="store_true", help="do not train and run the behaviour-cloning baseline")
@@ -69,6 +71,7 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
         "noise_levels": args.noise_levels, "operators": args.operators, "max_episode_steps": args.max_episode_steps,
         "train_steps": args.train_steps, "batch_size": args.batch_size, "model_preset": args.model_preset,
         "objective": args.objective, "text_encoder_weights": args.text_encoder_weights,
+        "conservative_weight": args.conservative_weight,
         "eval_episodes": args.eval_episodes, "contract": args.contract, "domain_id": args.domain_id,
         "device": args.device, "extra_train_args": args.train_arg or None, "torch_threads": args.torch_threads,
     }

@@ -74,7 +74,8 @@ def stage_key(cfg: DemoConfig, stage: str) -> dict[str, Any]:
     if stage == "train":
         return {"convert": upstream_id(cfg, "convert"), "steps": cfg.train_steps, "batch": cfg.batch_size,
                 "preset": cfg.model_preset, "objective": cfg.objective, "text": cfg.text_encoder_weights,
-                "seed": cfg.seed, "extra": list(cfg.extra_train_args), "device": cfg.device, "bc": cfg.compare_bc}
+                "seed": cfg.seed, "extra": list(cfg.extra_train_args), "device": cfg.device, "bc": cfg.compare_bc,
+                "conservative_weight": cfg.conservative_weight}
     if stage == "eval":
         return {"train": upstream_id(cfg, "train"), "episodes": cfg.eval_episodes, "tasks": list(cfg.tasks),
                 "max_episode_steps": cfg.max_episode_steps}
@@ -245,7 +246,8 @@ def train_argv(cfg: DemoConfig, dataset: Path, out: Path, objective: str | None 
             "--checkpoint-every", str(max(50, cfg.train_steps // 5)),
             "--set", f"warmup_steps={min(100, max(1, cfg.train_steps // 10))}",
             "--set", f"log_every={max(1, min(20, cfg.train_steps // 10))}",
-            "--set", f"threads={cfg.torch_threads}"]  # 0: the trainer picks (cores not already busy)
+            "--set", f"threads={cfg.torch_threads}",  # 0: the trainer picks (cores not already busy)
+            "--set", f"learner.conservative_weight={cfg.conservative_weight}"]
     if cfg.text_encoder_weights:
         argv += ["--set", f"text_encoder.pretrained={cfg.text_encoder_weights}"]
     else:

@@ -136,6 +136,13 @@ def test_config_checks_and_plans(tmp_path: Path) -> None:
     assert cfg.with_(image_size=None).run_contract() == cfg.contract
     with pytest.raises(ValueError, match="image_size"):
         DemoConfig(out=tmp_path, image_size=40)
+    with pytest.raises(ValueError, match="conservative_weight"):
+        DemoConfig(out=tmp_path, conservative_weight=-1)
+    from q_transformer_ros.core.trainer import config_from_args
+    from q_transformer_ros.e2e.stages import train_argv
+
+    trained = config_from_args(train_argv(cfg.with_(conservative_weight=0.25), tmp_path / "d", tmp_path / "t"))
+    assert trained.learner["conservative_weight"] == 0.25 and trained.steps == cfg.train_steps
 
 
 def test_demo_main_rejects_bad_arguments(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
