@@ -53,8 +53,9 @@ class DemoConfig:
     """Std of the Gaussian noise on the operator's actions, per episode in turn. Why small: the mistakes
     that separate learning from copying come from ``operators``; noise of std 1-2 on a [-1, 1] action is
     mostly clipped to the end bins, whose mass then dominates every state's data, and both QT and BC learn
-    to slam the arm at +-1 (benchmarks/README.md, "Learning, session 6": 0/30 and 8/30 with noise up to 2,
-    13/30 and ... with 0 and 0.25, on the same tasks, episodes and steps)."""
+    to slam the arm at +-1 (benchmarks/README.md, "Learning, session 6":
+    QT 0/30 and BC 8/30 with noise up to 2; QT 13/30 and BC 9/30 with 0 and 0.25, same tasks, episodes
+    and steps)."""
     operators: tuple[str, ...] = ("expert", "expert", "wrong_target", "stop_short")
     """Operator style per episode in turn (``sim.operators``: expert, wrong_target, stop_short,
     release_early): the recorded data then hold systematic mistakes, not only noise. Episode i of a task

@@ -115,7 +115,6 @@ class EpisodeDriver(Node):
         self._phase = "idle"  # idle | await_start | running | stopping | done
         self._record = False
         self._keep_frames = False
-        self._instruction_before: Any = None
         self._end_reason = ""
         self._end_time = 0.0
         self._saw_success = False
@@ -191,13 +190,10 @@ class EpisodeDriver(Node):
     def _maybe_start(self) -> None:
         if self._record:
             assert self.recorder is not None
-            if self.recorder.last_instruction is self._instruction_before:
-                return  # the sim's new instruction has not reached the recorder yet
-            try:
-                self._bag = str(self.recorder.start_episode())
-            except Exception as e:  # noqa: BLE001 - reported to the main thread
-                self._fail(f"recorder could not start an episode: {type(e).__name__}: {e}")
-                return
+            writer = self.recorder.writer
+            if writer is None:
+                return  # the sim's new instruction has not reached the (armed) recorder yet
+            self._bag = str(writer.path)
         with self._lock:
             self._phase = "running"
 
@@ -273,13 +269,22 @@ class EpisodeDriver(Node):
         self.set_parameters("sim", {"task": task, "seed": int(seed), "max_episode_steps": int(max_steps)})
         with self._lock:
             self._phase, self._record, self._keep_frames = "idle", record, keep_frames
-            self._instruction_before = self.recorder.last_instruction if self.recorder is not None else None
             self._end_reason, self._saw_success, self._error, self._bag = "", False, None, None
             self._values, self._frames, self._steps, self._max_steps = [], [], 0, int(max_steps)
             self._done.clear()
+        if record:
+            assert self.recorder is not None
+            self.recorder.arm_episode()  # the bag starts with the reset's instruction, before its first frame
         start = time.monotonic()
-        response = self._call(self._reset, Trigger.Request(), f"reset {task} seed {seed}", 60.0)
+        try:
+            response = self._call(self._reset, Trigger.Request(), f"reset {task} seed {seed}", 60.0)
+        except DriverError:
+            if self.recorder is not None:
+                self.recorder.armed = False
+            raise
         if not response.success:
+            if self.recorder is not None:
+                self.recorder.armed = False
             raise DriverError(f"{self._reset.srv_name}: {response.message}")
         with self._lock:
             # Only now: an episode_end of the previous episode is published before the sim answers the

@@ -17,7 +17,8 @@ Plain Python (no rclpy): ``test/ros/test_reception_time.py`` drives it with made
 from __future__ import annotations
 
 import bisect
-from collections import deque
+import heapq
+import itertools
 from typing import Any, Iterator
 
 KEEP_SAMPLES_NS = 5_000_000_000
@@ -33,7 +34,8 @@ class ReceptionTime:
     def __init__(self) -> None:
         self._walls: list[int] = []
         self._sims: list[int] = []
-        self._pending: deque[tuple[int, Any]] = deque()
+        self._pending: list[tuple[int, int, Any]] = []  # heap: (reception time, arrival count, item)
+        self._count = itertools.count()
 
     @property
     def has_clock(self) -> bool:
@@ -52,7 +54,8 @@ class ReceptionTime:
 
     def on_clock(self, sim_ns: int, wall_ns: int) -> Iterator[tuple[int | None, Any]]:
         """Add a ``/clock`` sample (its value and its reception time); yields ``(sim time, item)`` of every
-        waiting message received before it, in reception order."""
+        waiting message received before it, in reception order (not the order the executor took them in:
+        an instruction received before a frame is handled before it)."""
         if self._walls and wall_ns < self._walls[-1]:
             wall_ns = self._walls[-1]  # reception stamps of one subscription never go back; guard anyway
         self._walls.append(int(wall_ns))
@@ -66,7 +69,7 @@ class ReceptionTime:
         """A message received at ``wall_ns``: held until a later clock sample; yields whatever is released now
         (this one included when a sample after it is already known, when there is no clock yet (time None),
         or when the oldest waited too long)."""
-        self._pending.append((int(wall_ns), item))
+        heapq.heappush(self._pending, (int(wall_ns), next(self._count), item))
         latest = self._walls[-1] if self._walls else None
         yield from self._release(lambda w: latest is None or w <= latest or now_wall_ns - w > MAX_WAIT_NS)
 
@@ -76,5 +79,5 @@ class ReceptionTime:
 
     def _release(self, ready: Any) -> Iterator[tuple[int | None, Any]]:
         while self._pending and ready(self._pending[0][0]):
-            wall, item = self._pending.popleft()
+            wall, _, item = heapq.heappop(self._pending)
             yield self.sim_time(wall), item  # None: received before any clock sample

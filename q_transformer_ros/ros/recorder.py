@@ -4,7 +4,10 @@ Subscribes (raw, so the CDR bytes go to the bag untouched) to every camera, ever
 topic, every state input's topic, the instruction topic and the success topic of the contract. State
 topics are subscribed first, as in the policy node: a state message and a frame that arrive together
 are then written state first (rclpy's executor takes ready subscriptions in creation order), so the
-converter pairs a frame with the state the node would have used with it. Each episode bag also starts
+converter pairs a frame with the state the node would have used with it. The instruction topic is
+subscribed before everything else, and ``arm_episode`` starts the next episode *inside* the instruction's
+callback, so a frame that follows the new instruction (a sim's first frame after a reset) is in the bag.
+Each episode bag also starts
 with the newest message of every state topic, at the time it was received (before the episode): the
 first frame of an episode then has the state the node would have had with it. An episode starts on
 ``~/start_episode`` and ends on ``~/stop_episode`` (std_srvs/Trigger) or when a message arrives on the
@@ -99,6 +102,8 @@ class EpisodeRecorder(Node):
         self.finished: list[Path] = []
         """Bags completed by this node, in order."""
         self.last_instruction: tuple[bytes, str] | None = None
+        self.armed = False
+        """Start an episode when the next instruction message arrives (``arm_episode``)."""
         self._instruction_time = 0
         self.state_topics = {s.source.topic for s in self.contract.state_inputs}
         self.last_state: dict[str, tuple[int, bytes]] = {}
@@ -111,7 +116,8 @@ class EpisodeRecorder(Node):
             self._reception = ReceptionTime()
             self._clock_sub = self.create_subscription(ClockMsg, "/clock", self._on_clock, RECORD_RELIABLE_QOS)
             self._subs.append(self._clock_sub)
-        state_first = sorted(self.topics.items(), key=lambda item: item[1][1] != "state")
+        order = {"instruction": 0, "state": 1}  # then the rest: cameras, commands, success
+        state_first = sorted(self.topics.items(), key=lambda item: order.get(item[1][1], 2))
         for topic, (msg_type, role) in state_first:
             qos = {"camera": RECORD_QOS, "state": RECORD_QOS, "instruction": INSTRUCTION_QOS}.get(role, RECORD_RELIABLE_QOS)
             self._subs.append(self.create_subscription(
@@ -143,6 +149,14 @@ class EpisodeRecorder(Node):
             writer.write_raw(self.contract.instruction.topic, when, raw)
         self.get_logger().info(f"episode started: {writer.path}")
         return writer.path
+
+    def arm_episode(self) -> None:
+        """Start an episode at the next message on the instruction topic (a sim publishes one at every reset):
+        in the callback itself, so nothing that follows the instruction is missed. Thread-safe: it only sets
+        a flag the executor reads."""
+        if not self.contract.instruction.topic:
+            raise RuntimeError(f"contract '{self.contract.name}' has no instruction topic to start an episode on")
+        self.armed = True
 
     def stop_episode(self) -> Path:
         if self.writer is None:
@@ -198,6 +212,13 @@ class EpisodeRecorder(Node):
         if role == "instruction":
             self.last_instruction = (bytes(raw), _decode_string(raw))
             self._instruction_time = now
+            if self.armed and self.writer is None:
+                self.armed = False
+                try:
+                    self.start_episode()  # writes this instruction first
+                except (RuntimeError, OSError) as e:
+                    self.get_logger().error(f"armed episode could not start: {e}")
+                return
         if topic in self.state_topics:
             self.last_state[topic] = (now, bytes(raw))
         if self.writer is None:

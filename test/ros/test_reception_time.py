@@ -45,3 +45,13 @@ def test_sim_time_lookup_and_pruning() -> None:
     assert rt.sim_time(199 * 100 * MS + 3 * MS) == 199 * 1000 * MS + 3 * MS
     assert rt.sim_time(150 * 100 * MS) == 150 * 1000 * MS
     assert len(rt._walls) < 200
+
+
+def test_released_in_reception_order_not_callback_order() -> None:
+    """The executor took the frame's callback before the instruction's (creation order); the instruction
+    was received first and must come out first (an armed recorder starts its episode on it)."""
+    rt = ReceptionTime()
+    list(rt.on_clock(sim_ns=0, wall_ns=0))
+    assert list(rt.add(12 * MS, "frame", now_wall_ns=13 * MS)) == []
+    assert list(rt.add(11 * MS, "instruction", now_wall_ns=13 * MS)) == []
+    assert [item for _, item in rt.on_clock(sim_ns=20 * MS, wall_ns=20 * MS)] == ["instruction", "frame"]

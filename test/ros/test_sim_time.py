@@ -6,7 +6,7 @@ before the commands that caused them.
 Checked, on the bag -> ``convert_bag`` -> dataset path: the episode ran several times faster than the
 control rate; the recorded frames are one control period apart in sim time; every stored step carries
 the action the sim applied after that very frame (the sim's own step log, matched by the hand position
-in the frame), none lost. With the recorder logging at callback time instead, the stalls move commands
+in the frame), none lost, the first one (the frame published with the reset) included. With the recorder logging at callback time instead, the stalls move commands
 past the next frame; this is what the test would catch.
 """
 
@@ -119,6 +119,7 @@ def test_sim_time_episode_is_fast_and_pairs_every_frame_with_its_answer(tmp_path
         hand[max(0, -k):max(0, -k) + 30], log_hand[max(0, k):max(0, k) + 30])]
     assert len(offsets) == 1, f"stored frames do not line up with the sim's steps (offsets {offsets})"
     k = offsets[0]
+    assert k == 0, f"the bag starts {k} frame(s) into the episode: its first decision is lost"
     pairs = [(i, i + k) for i in range(len(hand)) if 0 <= i + k < len(step_log)]
     assert len(pairs) >= STEPS - 3 and all(np.array_equal(hand[i], log_hand[j]) for i, j in pairs)
     mw_index = [["dx", "dy", "dz", "gripper"].index(d.name) for d in contract.action_dims]  # sim order
