@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -133,3 +134,22 @@ def call_trigger(executor: Any, client: Any, timeout: float = 10.0) -> Any:
         executor.spin_once(timeout_sec=0.01)
     assert future.done(), f"no answer from {client.srv_name}"
     return future.result()
+
+
+class Spinner:
+    """Spins one node in its own SingleThreadedExecutor and thread (nodes come and go without touching the
+    others, as separate processes would run them)."""
+
+    def __init__(self, node: Any) -> None:
+        from rclpy.executors import SingleThreadedExecutor  # noqa: PLC0415 - only the DDS tests need it
+
+        self.node = node
+        self.executor = SingleThreadedExecutor()
+        self.executor.add_node(node)
+        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.executor.shutdown()
+        self.thread.join(timeout=5)
+        self.node.destroy_node()

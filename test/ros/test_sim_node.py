@@ -30,7 +30,6 @@ from geometry_msgs.msg import PoseStamped, TwistStamped  # noqa: E402
 from rcl_interfaces.msg import Parameter as ParameterMsg  # noqa: E402
 from rcl_interfaces.msg import ParameterType, ParameterValue  # noqa: E402
 from rcl_interfaces.srv import SetParameters  # noqa: E402
-from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.node import Node  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from sensor_msgs.msg import Image, JointState  # noqa: E402
@@ -41,7 +40,7 @@ from q_transformer_ros.contract import ContractError  # noqa: E402
 from q_transformer_ros.ros.expert_node import ExpertNode  # noqa: E402
 from q_transformer_ros.ros.qos import COMMAND_QOS, DIAGNOSTIC_QOS, INSTRUCTION_QOS, SENSOR_QOS  # noqa: E402
 from q_transformer_ros.ros.sim_node import SimNode  # noqa: E402
-from qtr_testing import wait_for  # noqa: E402
+from qtr_testing import Spinner, wait_for  # noqa: E402
 
 pytestmark = pytest.mark.ros
 RATE_HZ = 20.0  # faster than the contract's 10 Hz to keep the test short; rendering 64x64 takes ~25 ms
@@ -114,20 +113,6 @@ class Probe(Node):
         assert all(r.successful for r in result.results), [r.reason for r in result.results]
 
 
-class Spinner:
-    """Spins one node in its own executor and thread (nodes come and go without touching the others)."""
-
-    def __init__(self, node: Node) -> None:
-        self.node = node
-        self.executor = SingleThreadedExecutor()
-        self.executor.add_node(node)
-        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.executor.shutdown()
-        self.thread.join(timeout=5)
-        self.node.destroy_node()
 
 
 def listen(topic: str, qos: Any) -> tuple[Spinner, list[str]]:

@@ -12,7 +12,6 @@ past the next frame; this is what the test would catch.
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
@@ -23,7 +22,6 @@ import yaml
 rclpy = pytest.importorskip("rclpy")
 pytest.importorskip("metaworld")
 
-from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 
 from q_transformer_ros.contract import load_contract  # noqa: E402
@@ -34,7 +32,7 @@ from q_transformer_ros.replay.reader import ReplayReader  # noqa: E402
 from q_transformer_ros.ros.episode_driver import RosSession  # noqa: E402
 from q_transformer_ros.ros.expert_node import ExpertNode  # noqa: E402
 from q_transformer_ros.ros.sim_node import SimNode  # noqa: E402
-from qtr_testing import REPO_ROOT, ros_domain  # noqa: E402
+from qtr_testing import REPO_ROOT, Spinner, ros_domain  # noqa: E402
 
 pytestmark = pytest.mark.ros
 DOMAIN_ID = 57  # this file's own DDS domain
@@ -52,17 +50,6 @@ def small_contract(tmp_path: Path) -> Path:
     return path
 
 
-class Spinner:
-    def __init__(self, node) -> None:
-        self.node, self.executor = node, SingleThreadedExecutor()
-        self.executor.add_node(node)
-        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.executor.shutdown()
-        self.thread.join(timeout=5)
-        self.node.destroy_node()
 
 
 def test_sim_time_episode_is_fast_and_pairs_every_frame_with_its_answer(tmp_path: Path) -> None:
