@@ -143,10 +143,10 @@ class SimNode(Node):
             FastForwardClock(int(round(self.period_s * 1e9))) if self._param("publish_clock") else None)
         self._command_topics = {g.topic for g in group_outputs(c)}
         self._answered: set[str] = set()
+        """Command topics heard from since the last frame went out (sim time: all of them = step now)."""
         self._first_step_pending = False
         """Sim time: an episode's first step waits its whole period (wall speed), so a recorder that starts
         on the new instruction is running before anything moves (as with a wall-clock sim)."""
-        """Command topics heard from since the last frame went out (sim time: all of them = step now)."""
         self.step_log: list[tuple[np.ndarray, np.ndarray]] = []
         """This episode's steps: (hand position in the frame that went out before the step, Meta-World action
         applied). What a recording of the episode must pair; cleared at each reset."""
