@@ -17,6 +17,10 @@ from rclpy.executors import Executor, ExternalShutdownException
 from rclpy.node import Node
 
 
+WAKE_S = 0.2
+"""Longest the executor waits in one round (see ``spin_node``)."""
+
+
 def spin_node(make_node: Callable[[], Node], node_name: str, executor: Executor | None = None) -> int:
     """Build the node with ``make_node`` (rclpy already initialised) and spin it until shutdown.
 
@@ -29,7 +33,11 @@ def spin_node(make_node: Callable[[], Node], node_name: str, executor: Executor 
             rclpy.spin(node)
         else:
             executor.add_node(node)
-            executor.spin()
+            # spin_once with a timeout, not spin(): a node that leaves signals to Python (the policy node)
+            # runs its handler only between bytecodes, and rcl_wait with no message and no timer due (a
+            # sim-time node after the sim stopped publishing /clock) would otherwise block Ctrl-C forever
+            while rclpy.ok(context=executor.context):
+                executor.spin_once(timeout_sec=WAKE_S)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except Exception as e:  # noqa: BLE001 - one clear line for set-up errors; real bugs still raise
