@@ -74,10 +74,6 @@ RECORD_RELIABLE_QOS = QoSProfile(
 )
 """Recording commands and success (and /clock samples): reliable, every message kept."""
 
-CLOCK_QOS = QoSProfile(
-    history=HistoryPolicy.KEEP_LAST,
-    depth=200,
-    reliability=ReliabilityPolicy.RELIABLE,
-    durability=DurabilityPolicy.VOLATILE,
-)
-"""``/clock`` (rosgraph_msgs/Clock) published by ``sim_node`` with ``publish_clock``."""
+CLOCK_QOS = RECORD_RELIABLE_QOS
+"""``/clock`` (rosgraph_msgs/Clock) published by ``sim_node`` with ``publish_clock``: the recording profile
+(reliable, deep), so the writer keeps every sample a busy recorder has not yet taken."""

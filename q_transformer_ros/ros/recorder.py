@@ -162,8 +162,7 @@ class EpisodeRecorder(Node):
         if self.writer is None:
             raise RuntimeError("no episode is being recorded")
         if self._reception is not None:  # what arrived before the stop belongs to the episode
-            for t, (topic, role, raw) in self._reception.flush():
-                self._on_message(topic, role, raw, self._now() if t is None else t)
+            self._handle_released(self._reception.flush())
             if self.writer is None:  # a success among them ended the episode already
                 return self.finished[-1]
         writer, self.writer = self.writer, None
@@ -197,16 +196,20 @@ class EpisodeRecorder(Node):
         for sample, sample_info in samples:
             sim_ns = sample.clock.sec * 1_000_000_000 + sample.clock.nanosec
             received = sample_info["received_timestamp"] or time.time_ns()
-            for t, (topic, role, raw) in self._reception.on_clock(sim_ns, received):
-                self._on_message(topic, role, raw, self._now() if t is None else t)
+            self._handle_released(self._reception.on_clock(sim_ns, received))
 
     def _on_received(self, topic: str, role: str, raw: bytes, info: Any) -> None:
         if self._reception is None:
             self._on_message(topic, role, raw, self._now())
             return
         received = info["received_timestamp"] or time.time_ns()  # 0: the middleware does not stamp
-        for t, (tp, r, data) in self._reception.add(received, (topic, role, bytes(raw)), time.time_ns()):
-            self._on_message(tp, r, data, self._now() if t is None else t)
+        self._handle_released(self._reception.add(received, (topic, role, bytes(raw)), time.time_ns()))
+
+    def _handle_released(self, released: Any) -> None:
+        """Messages ``ReceptionTime`` let go, with their sim reception times (None: before any /clock
+        sample, so the node clock's now)."""
+        for t, (topic, role, raw) in released:
+            self._on_message(topic, role, raw, self._now() if t is None else t)
 
     def _on_message(self, topic: str, role: str, raw: bytes, now: int) -> None:
         if role == "instruction":
