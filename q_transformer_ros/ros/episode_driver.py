@@ -113,6 +113,9 @@ class EpisodeDriver(Node):
         """Latest hand position from the sim's observation."""
         # per-episode state (guarded by _lock; changed by the main thread only between episodes)
         self._phase = "idle"  # idle | await_start | running | stopping | done
+        self._reset_sent_ns = 0
+        """System time the current episode's reset was requested: step messages sent earlier are the last
+        episode's."""
         self._record = False
         self._keep_frames = False
         self._end_reason = ""
@@ -132,9 +135,11 @@ class EpisodeDriver(Node):
     def _on_instruction(self, msg: String) -> None:
         self.last_instruction = msg.data
 
-    def _on_success(self, msg: Bool) -> None:
+    def _on_success(self, msg: Bool, info: Any) -> None:
         self.successes_seen += 1
         with self._lock:
+            if self._published_before_reset(info):
+                return  # a step of the previous episode, still queued here (a sim on sim time runs ahead)
             if self._phase in ("await_start", "running", "stopping"):
                 self._steps += 1
                 self._last_step_time = time.monotonic()
@@ -164,8 +169,15 @@ class EpisodeDriver(Node):
         with self._lock:
             self._frames.append(frame)
 
-    def _on_end(self, msg: String) -> None:
+    def _published_before_reset(self, info: Any) -> bool:
+        """Sent (middleware source stamp, system clock) before this episode's reset was requested."""
+        sent = info.get("source_timestamp") or 0
+        return bool(sent) and sent < self._reset_sent_ns
+
+    def _on_end(self, msg: String, info: Any) -> None:
         with self._lock:
+            if self._published_before_reset(info):
+                return
             if self._phase not in ("await_start", "running") or self._steps == 0:
                 return
             self._end_reason = msg.data
@@ -272,6 +284,7 @@ class EpisodeDriver(Node):
             self._end_reason, self._saw_success, self._error, self._bag = "", False, None, None
             self._values, self._frames, self._steps, self._max_steps = [], [], 0, int(max_steps)
             self._done.clear()
+            self._reset_sent_ns = time.time_ns()
         if record:
             assert self.recorder is not None
             self.recorder.arm_episode()  # the bag starts with the reset's instruction, before its first frame
