@@ -96,6 +96,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="how episodes that end without success are stored: terminal (a failure verdict: value 0, "
                         "no bootstrap; what convert_bag stores for an episode that ends on a False success "
                         "message) or truncated (a time-limit cut that bootstraps; the old default)")
+    p.add_argument("--keep-still-steps", type=int, default=None, metavar="K",
+                   help="drop all but the first K steps of every stretch where the arm stands still and the command "
+                        "repeats (replay.still_steps; what convert_bag --keep-still-steps does); default: keep all")
+    p.add_argument("--camera-map", nargs="+", default=[], metavar="CAM:=MW_CAMERA",
+                   help="contract camera -> Meta-World camera, e.g. front:=topview (sim_node's camera_map; default: "
+                        "the camera of the same name, else corner)")
     p.add_argument("--contract", default=None, help="contract YAML (default config/contract_ee_arm.yaml)")
     p.add_argument("--image-size", type=int, default=None,
                    help="camera size (a multiple of 16); default: the contract's (64)")
@@ -110,23 +116,38 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 # 1. data
 # ---------------------------------------------------------------------------------------------
 
+def camera_map(args: argparse.Namespace) -> dict[str, str]:
+    """``--camera-map front:=topview ...`` as {contract camera: Meta-World camera}."""
+    out = {}
+    for item in args.camera_map:
+        name, sep, mw = item.partition(":=")
+        if not sep or not name or not mw:
+            raise SystemExit(f"bench_learning: --camera-map {item!r}: give CAMERA:=METAWORLD_CAMERA, e.g. front:=topview")
+        out[name] = mw
+    return out
+
+
 def collect(args: argparse.Namespace, contract, dataset: Path) -> list[EpisodeRecord]:
     """Expert + noise episodes of every task into a replay dataset; returns one record per episode."""
     from tqdm import tqdm
 
+    from q_transformer_ros.replay.still_steps import keep_still_steps, still_steps
     from q_transformer_ros.replay.writer import EpisodeData, ReplayWriter
     from q_transformer_ros.sim.agent_env import MetaWorldEnvironment
 
     log = dataset.parent / "data_episodes.jsonl"
     key = json.dumps([args.tasks, args.episodes_per_task, args.noise_levels, args.max_episode_steps, contract.fingerprint(),
-                      args.failures] + ([args.operators] if args.operators != ["expert"] else []))
+                      args.failures] + ([args.operators] if args.operators != ["expert"] else [])
+                     + ([args.keep_still_steps] if args.keep_still_steps is not None else [])
+                     + ([camera_map(args)] if args.camera_map else []))
     if (dataset / "manifest.json").exists() and (dataset.parent / "data_key.json").exists() \
             and (dataset.parent / "data_key.json").read_text() == key:
         return read_records(log)
     if dataset.exists():
         shutil.rmtree(dataset)
     n = len(args.tasks)
-    env = MetaWorldEnvironment(contract, args.tasks, max_episode_steps=args.max_episode_steps, noise_seed=args.seed)
+    env = MetaWorldEnvironment(contract, args.tasks, max_episode_steps=args.max_episode_steps, noise_seed=args.seed,
+                               camera_map=camera_map(args))
     records: list[EpisodeRecord] = []
     writer = ReplayWriter(dataset, contract, create_ok=True)
     bar = tqdm(total=n * args.episodes_per_task, desc="collect", unit="ep", dynamic_ncols=True)
@@ -151,10 +172,15 @@ def collect(args: argparse.Namespace, contract, dataset: Path) -> list[EpisodeRe
                     success = bool(info["success"])
                     if terminated or truncated:
                         break
+                keep = slice(None)
+                if args.keep_still_steps is not None:
+                    keep = keep_still_steps(still_steps(np.stack(actions), np.stack(states), contract),
+                                            args.keep_still_steps)
                 writer.add_episode(EpisodeData(
-                    frames={c: np.stack(v) for c, v in frames.items()}, actions=np.stack(actions).astype(np.float32),
+                    frames={c: np.stack(v)[keep] for c, v in frames.items()},
+                    actions=np.stack(actions).astype(np.float32)[keep],
                     success=success, terminal=success or args.failures == "terminal", instruction=instruction,
-                    state=np.stack(states) if states else None,
+                    state=np.stack(states)[keep] if states else None,
                     source_id=f"bench:{task}:seed{seed}:noise{noise:g}" + ("" if style == "expert" else f":{style}")))
                 records.append(EpisodeRecord(task=task, seed=seed, success=success, steps=len(actions), noise=noise,
                                              source=style))
@@ -207,7 +233,8 @@ def evaluate(args: argparse.Namespace, name: str, ckpt: Path, contract, out: Pat
             return recs
     policy = QTransformerPolicy.from_checkpoint(ckpt, device=args.device)
     n = len(args.tasks)
-    env = MetaWorldEnvironment(contract, args.tasks, max_episode_steps=args.max_episode_steps)
+    env = MetaWorldEnvironment(contract, args.tasks, max_episode_steps=args.max_episode_steps,
+                               camera_map=camera_map(args))
     records: list[EpisodeRecord] = []
     bar = tqdm(total=n * args.eval_episodes, desc=f"eval {name}", unit="ep", dynamic_ncols=True)
     try:

@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise-levels", type=float, nargs="+", help="expert noise std per episode, in turn")
     p.add_argument("--operators", nargs="+", choices=("expert", "wrong_target", "stop_short", "release_early"),
                    help="operator style per episode, in turn: the expert or a deliberate mistake (sim/operators.py)")
+    p.add_argument("--keep-still-steps", type=int, metavar="K",
+                   help="the converter keeps the first K steps of every stretch where the arm stands still and the "
+                        "command repeats (default 2; a negative K keeps every step)")
     p.add_argument("--max-episode-steps", type=int, help="control steps per episode before it counts as failed")
     p.add_argument("--train-steps", type=int, help="optimizer steps of training")
     p.add_argument("--batch-size", type=int, help="training batch size")
@@ -76,6 +79,8 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
         "device": args.device, "extra_train_args": args.train_arg or None, "torch_threads": args.torch_threads,
     }
     given = {k: v for k, v in fields.items() if v is not None}
+    if args.keep_still_steps is not None:
+        given["keep_still_steps"] = args.keep_still_steps if args.keep_still_steps >= 0 else None
     if args.image_size is not None:
         given["image_size"] = args.image_size or None
     given["progress"] = not args.no_progress

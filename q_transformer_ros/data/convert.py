@@ -44,6 +44,7 @@ from q_transformer_ros.data.messages import FieldError, JointNotInMessage, group
 from q_transformer_ros.data.sync import (
     NS, AgeStats, DimStream, LatestFrameSelector, StepPlan, actions_for_steps, plan_steps, valid_runs, values_at,
 )
+from q_transformer_ros.replay.still_steps import keep_still_steps, still_steps
 
 UNLABELED_CHOICES = ("refuse", "failure", "skip")
 ON_ERROR_CHOICES = ("abort", "skip")
@@ -115,6 +116,10 @@ class ConvertConfig:
     """If set, a command older than this at a step end makes the step stale (default: commands hold)."""
     min_steps: int = 1
     """Episodes (runs of valid steps) shorter than this are dropped."""
+    keep_still_steps: int | None = None
+    """If set, keep only the first this many steps of every stretch in which the state inputs stand still
+    and the command repeats (``replay.still_steps``: an operator waiting after a stop, a pause); None keeps
+    every step. Needs state inputs in the contract."""
     known_bags: frozenset[str] = frozenset()
     """Bag identities already in the output dataset: such bags are skipped without decoding."""
 
@@ -129,6 +134,12 @@ class ConvertConfig:
             raise ConvertError(f"--min-steps {self.min_steps!r}: must be an integer >= 1")
         if self.instruction is not None and not self.instruction.strip():
             raise ConvertError("--instruction: empty text")
+        if self.keep_still_steps is not None:
+            if not (isinstance(self.keep_still_steps, int) and self.keep_still_steps >= 0):
+                raise ConvertError(f"--keep-still-steps {self.keep_still_steps!r}: must be an integer >= 0")
+            if not self.contract.state_dim:
+                raise ConvertError(f"--keep-still-steps: contract '{self.contract.name}' declares no state_inputs, "
+                                   "so standing still cannot be told from moving; drop the option or add state inputs")
 
     @property
     def frame_age_limit_s(self) -> float:
@@ -564,15 +575,21 @@ def build_episodes(spans: list[Span], labels: list[Label], plans: list[StepPlan]
             terminal = last and label.verdict
             if not terminal:
                 notes["truncated episodes (their last step is an observation without a training sample)"] += 1
-            idx = np.arange(sl.start + a, sl.start + b)
+            keep = np.arange(a, b)
+            if cfg.keep_still_steps is not None:
+                keep = keep[keep_still_steps(still_steps(actions[a:b], state[a:b], c), cfg.keep_still_steps)]
+                n_still = (b - a) - len(keep)
+                if n_still:
+                    dropped[f"arm still and command repeated (beyond --keep-still-steps {cfg.keep_still_steps})"] += n_still
+            idx = sl.start + keep
             episodes.append(ConvertedEpisode(
-                frames={name: frames[name][idx] for name in frames}, actions=actions[a:b].astype(np.float32),
+                frames={name: frames[name][idx] for name in frames}, actions=actions[keep].astype(np.float32),
                 success=success, terminal=terminal, instruction=span.instruction,
                 source_id=f"{identity}:{si}:{ri}",
-                decision_ns=starts[a:b].copy(),
+                decision_ns=starts[keep].copy(),
                 frame_times_ns={cam.name: frame_t[cam.name][idx] for cam in c.cameras},
-                state=state[a:b].astype(np.float32) if c.state_dim else None,
-                state_times_ns=state_t[a:b].copy() if c.state_dim else None,
+                state=state[keep].astype(np.float32) if c.state_dim else None,
+                state_times_ns=state_t[keep].copy() if c.state_dim else None,
                 metadata={"bag": str(path), "bag_name": bag_name(path), "episode_index": si, "run": ri,
                           "start_ns": int(starts[a]), "end_ns": int(plan.window_end_ns[b - 1]),
                           "control_rate_hz": c.control_rate_hz, "response_latency_s": plan.latency_ns / NS},
@@ -931,6 +948,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-action-age", type=float, default=None,
                    help="seconds; older commands make a step stale (default: commands hold until replaced)")
     p.add_argument("--min-steps", type=int, default=1, help="drop episodes shorter than this")
+    p.add_argument("--keep-still-steps", type=int, default=None, metavar="K",
+                   help="keep only the first K steps of every stretch where the state inputs stand still and the "
+                        "command repeats (an operator waiting after a failed try); default: keep every step")
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes (one bag each)")
     p.add_argument("--on-error", choices=ON_ERROR_CHOICES, default="abort",
                    help="abort (default: write nothing) or skip bad bags and report them")
@@ -971,6 +991,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             contract=contract, instruction=args.instruction, success=args.success, labels=labels,
             unlabeled=args.unlabeled, split=EpisodeSplit.parse(args.episode_split),
             max_frame_age_s=args.max_frame_age, max_action_age_s=args.max_action_age, min_steps=args.min_steps,
+            keep_still_steps=args.keep_still_steps,
         )
         if args.workers < 1:
             raise ConvertError(f"--workers {args.workers}: must be >= 1")

@@ -60,6 +60,13 @@ class DemoConfig:
     """Operator style per episode in turn (``sim.operators``: expert, wrong_target, stop_short,
     release_early): the recorded data then hold systematic mistakes, not only noise. Episode i of a task
     uses ``operators[i % len]`` with noise ``noise_levels[(i // len(operators)) % len]``."""
+    keep_still_steps: int | None = 2
+    """The converter keeps only the first this many steps of every stretch in which the arm stands still and
+    the command repeats (``convert_bag --keep-still-steps``; ``replay.still_steps``); None keeps every step.
+    Why: an operator who stopped short or reached the wrong place stands there until the episode's time is
+    up, 50-100 copies of one (frame, "stand still") pair per failed episode; both cloning and the
+    conservative term then learn to stand still where those stretches were (benchmarks/README.md,
+    "Learning, session 7")."""
     max_episode_steps: int = 120
     """Control steps after which an episode ends as a failure (recording and closed loop)."""
     train_steps: int = 4000
@@ -133,6 +140,9 @@ class DemoConfig:
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"DemoConfig.{key} = {v!r}: must be an integer >= 1")
+        if self.keep_still_steps is not None and (not isinstance(self.keep_still_steps, int)
+                                                  or isinstance(self.keep_still_steps, bool) or self.keep_still_steps < 0):
+            raise ValueError(f"DemoConfig.keep_still_steps = {self.keep_still_steps!r}: an integer >= 0, or None (keep all)")
         if not self.noise_levels or any(not (x >= 0) for x in self.noise_levels):
             raise ValueError(f"DemoConfig.noise_levels = {self.noise_levels}: need at least one std >= 0")
         if not (isinstance(self.conservative_weight, (int, float)) and self.conservative_weight >= 0):

@@ -70,7 +70,10 @@ def stage_key(cfg: DemoConfig, stage: str) -> dict[str, Any]:
             key["operators"] = list(cfg.operators)
         return key
     if stage == "convert":
-        return {"record": upstream_id(cfg, "record")}
+        key = {"record": upstream_id(cfg, "record")}
+        if cfg.keep_still_steps is not None:
+            key["keep_still_steps"] = cfg.keep_still_steps
+        return key
     if stage == "train":
         return {"convert": upstream_id(cfg, "convert"), "steps": cfg.train_steps, "batch": cfg.batch_size,
                 "preset": cfg.model_preset, "objective": cfg.objective, "text": cfg.text_encoder_weights,
@@ -203,6 +206,13 @@ def convert(cfg: DemoConfig) -> dict[str, Any]:
         shutil.rmtree(cfg.dataset_dir)  # rebuilt from exactly the listed bags
     argv = [*bags, "--out", str(cfg.dataset_dir), "--contract", str(cfg.contract), "--unlabeled", "failure",
             "--workers", str(cfg.convert_workers), "--report-json", str(cfg.out / "convert_report.json")]
+    if cfg.keep_still_steps is not None:
+        from q_transformer_ros.contract import load_contract  # noqa: PLC0415
+
+        if load_contract(cfg.contract).state_dim:
+            argv += ["--keep-still-steps", str(cfg.keep_still_steps)]
+        else:
+            _say(f"convert: contract {cfg.contract} has no state inputs: every still step is kept")
     if not cfg.progress:
         argv.append("--no-progress")
     rc = convert_main(argv)

@@ -214,7 +214,8 @@ def make_episode(seed: int = 0, t0: float = 1.0, duration: float = 2.0, instruct
                  success: bool | None = True, latency: float = 0.3, jitter: float = 0.1, front_hz: float | None = None,
                  front_jitter: float | None = None, wrist_hz: float = 8.0, teleop_hz: float | None = None,
                  front_encoding: str = "bgr8", wrist_format: str = "png", camera_gap: tuple[float, float] | None = None,
-                 max_gap_s: float = 0.3, state: StateTopics | None = None, script: BagScript | None = None) -> BagScript:
+                 max_gap_s: float = 0.3, state: StateTopics | None = None, script: BagScript | None = None,
+                 still_s: tuple[float, float] | None = None) -> BagScript:
     """An episode recorded the way a closed loop records it (contract: ``TEST_CONTRACT``, 10 Hz).
 
     The front camera (the step camera) sends a frame each control period (or at ``front_hz``; the
@@ -242,6 +243,9 @@ def make_episode(seed: int = 0, t0: float = 1.0, duration: float = 2.0, instruct
     if instruction is not None:
         s.add("/instruction", "std_msgs/msg/String", start, string_msg(instruction))
 
+    def in_still(t: int) -> bool:
+        return still_s is not None and start + still_s[0] * NS <= t < start + still_s[1] * NS
+
     def add_front(t: int) -> None:
         arr = rng.integers(0, 256, size=(24, 32, 3), dtype=np.uint8)
         s.add(front, "sensor_msgs/msg/Image", t, image_msg(arr, front_encoding, t))
@@ -263,7 +267,8 @@ def make_episode(seed: int = 0, t0: float = 1.0, duration: float = 2.0, instruct
     state_rng = np.random.default_rng(seed + 7919)  # the other streams stay as they were without state
     while t <= end + 2 * period:
         step = elbow
-        elbow += float(rng.uniform(-0.01, 0.01))
+        move = float(rng.uniform(-0.01, 0.01))
+        elbow += 0.0 if in_still(t) else move
         if state is None:
             names, pos = (["shoulder", "elbow"], [0.5, elbow]) if rng.random() < 0.5 else (["elbow", "shoulder"], [elbow, 0.5])
             s.add("/joint_states", "sensor_msgs/msg/JointState", t, joint_state_msg(names, pos, t))
@@ -281,11 +286,15 @@ def make_episode(seed: int = 0, t0: float = 1.0, duration: float = 2.0, instruct
         joints.append((t, elbow))
         t = t_next
     if state is not None:
-        _add_pose_and_gripper(s, state, state_rng, start, end + 2 * period)
+        _add_pose_and_gripper(s, state, state_rng, start, end + 2 * period, in_still)
+    last_grip = [0.5]
 
     def send(t: int) -> tuple[float, float, float]:
         vx, vy, g = (float(v) for v in rng.uniform(-0.9, 0.9, size=3))
         g = abs(g)
+        if in_still(t):
+            vx, vy, g = 0.0, 0.0, last_grip[0]
+        last_grip[0] = g
         s.add("/cmd", "geometry_msgs/msg/TwistStamped", t, twist_msg(vx, vy, t))
         s.add("/gripper", "std_msgs/msg/Float64MultiArray", t + 400_000, f64_msg([g]))
         s.values.setdefault("vx", []).append((t, vx))
@@ -350,15 +359,19 @@ def _jittered(rng: np.random.Generator, hz: float, jitter: float) -> int:
     return max(1_000_000, int(NS / hz * (1.0 + rng.uniform(-jitter, jitter))))
 
 
-def _add_pose_and_gripper(s: BagScript, state: StateTopics, rng: np.random.Generator, start: int, stop: int) -> None:
+def _add_pose_and_gripper(s: BagScript, state: StateTopics, rng: np.random.Generator, start: int, stop: int,
+                          still: Any = lambda t: False) -> None:
     """``/ee_pose`` and ``/gripper_state`` at their own rates over [start, stop], with the silences and
-    faults ``state`` asks for; every published value is recorded in ``s.state_values``."""
+    faults ``state`` asks for, standing still while ``still(t)``; every published value is recorded in
+    ``s.state_values``."""
     def inside(t: int, window: tuple[float, float] | None) -> bool:
         return window is not None and start + window[0] * NS <= t < start + window[1] * NS
 
     x, z, t = 0.1, 0.3, start + int(0.004 * NS)
     while t <= stop:
-        x, z = x + float(rng.uniform(-0.01, 0.01)), z + float(rng.uniform(-0.01, 0.01))
+        dx, dz = float(rng.uniform(-0.01, 0.01)), float(rng.uniform(-0.01, 0.01))
+        if not still(t):
+            x, z = x + dx, z + dz
         if not inside(t, state.pose_silent_s):
             s.add("/ee_pose", "geometry_msgs/msg/PoseStamped", t, pose_msg(x, 0.7, z, t))
             s.state_values.setdefault("ee_x", []).append((t, x))
@@ -366,7 +379,9 @@ def _add_pose_and_gripper(s: BagScript, state: StateTopics, rng: np.random.Gener
         t += _jittered(rng, state.pose_hz, state.jitter)
     width, t = 0.04, start + int(0.006 * NS)
     while t <= stop:
-        width = float(np.clip(width + rng.uniform(-0.005, 0.005), 0.0, 0.08))
+        dw = float(rng.uniform(-0.005, 0.005))
+        if not still(t):
+            width = float(np.clip(width + dw, 0.0, 0.08))
         shown = math.nan if inside(t, state.gripper_nan_s) else width
         s.add("/gripper_state", "std_msgs/msg/Float64MultiArray", t, f64_msg([1.5, shown]))
         s.state_values.setdefault("grip_width", []).append((t, shown))

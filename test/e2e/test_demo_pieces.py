@@ -138,6 +138,8 @@ def test_config_checks_and_plans(tmp_path: Path) -> None:
         DemoConfig(out=tmp_path, image_size=40)
     with pytest.raises(ValueError, match="conservative_weight"):
         DemoConfig(out=tmp_path, conservative_weight=-1)
+    with pytest.raises(ValueError, match="keep_still_steps"):
+        DemoConfig(out=tmp_path, keep_still_steps=-1)
     from q_transformer_ros.core.trainer import config_from_args
     from q_transformer_ros.e2e.stages import train_argv
 
@@ -158,6 +160,7 @@ def test_stage_key_changes_redo_downstream(tmp_path: Path) -> None:
     cfg = DemoConfig.quick(out=tmp_path)
     st.write_marker(cfg, "record", st.stage_key(cfg, "record"), 1.0, {})
     convert_key = st.stage_key(cfg, "convert")
+    assert convert_key != st.stage_key(cfg.with_(keep_still_steps=None), "convert")
     st.write_marker(cfg, "convert", convert_key, 1.0, {})
     train_key = st.stage_key(cfg, "train")
     assert train_key != st.stage_key(cfg.with_(train_steps=cfg.train_steps + 1), "train")
