@@ -46,6 +46,7 @@ from q_transformer_ros.data.lerobot_format import (
     EpisodeRef, LeRobotFormatError, LeRobotLayout, VideoFrames, column_array, decode_image_cell, open_lerobot,
 )
 from q_transformer_ros.data.sync import valid_runs
+from q_transformer_ros.replay.still_steps import keep_still_steps, still_steps
 
 SOURCE_PREFIX = "lerobot"
 SUCCESS_AUTO = ("next.success", "next.done")
@@ -304,6 +305,9 @@ class ImportConfig:
     """A dataset recorded at an integer multiple of the contract's control rate: every n-th frame is a
     step, its action the last one before the next step (the dataset's actions must be targets, not
     per-frame deltas)."""
+    keep_still_steps: int | None = None
+    """If set, keep only the first this many steps of every stretch where the state inputs stand still and
+    the action repeats (``replay.still_steps``, as ``convert_bag --keep-still-steps``); None keeps all."""
 
     def __post_init__(self) -> None:
         if self.unlabeled not in UNLABELED_CHOICES:
@@ -316,6 +320,12 @@ class ImportConfig:
             raise LeRobotImportError(f"--frame-tolerance {self.frame_tolerance_s!r}: must be > 0 seconds")
         if self.instruction is not None and not self.instruction.strip():
             raise LeRobotImportError("--instruction: empty text")
+        if self.keep_still_steps is not None:
+            if not (isinstance(self.keep_still_steps, int) and self.keep_still_steps >= 0):
+                raise LeRobotImportError(f"--keep-still-steps {self.keep_still_steps!r}: must be an integer >= 0")
+            if not self.contract.state_dim:
+                raise LeRobotImportError(f"--keep-still-steps: contract '{self.contract.name}' declares no state_inputs, "
+                                         "so standing still cannot be told from moving; drop the option or add state inputs")
 
     @property
     def tolerance_s(self) -> float:
@@ -554,21 +564,28 @@ class DatasetImport:
                 self.notes["truncated episodes (their last step is an observation without a training sample)"] += 1
             if len(runs) > 1:
                 self.notes["episodes cut by a task change or dropped frames"] += 1
+            idx = np.arange(a, b)
+            if cfg.keep_still_steps is not None:
+                idx = idx[keep_still_steps(still_steps(actions[a:b], rows.state[steps[a:b]], cfg.contract),
+                                           cfg.keep_still_steps)]
+                if b - a > len(idx):
+                    self.dropped[f"arm still and command repeated (beyond --keep-still-steps {cfg.keep_still_steps})"] += \
+                        b - a - len(idx)
             rewards = None
             if rows.rewards is not None:
-                rewards = rows.rewards[steps[a:b]].astype(np.float32)
+                rewards = rows.rewards[steps[idx]].astype(np.float32)
                 if (rewards < 0).any() or (rewards > 1).any():
                     self.notes["reward column values outside [0, 1] (Q is a sigmoid)"] += 1
             out.append(ImportedEpisode(
-                frames={k: v[a:b] for k, v in frames.items()}, actions=actions[a:b].astype(np.float32),
+                frames={k: v[idx] for k, v in frames.items()}, actions=actions[idx].astype(np.float32),
                 success=success, terminal=terminal,
                 instruction=_instruction_of(rows.task_index[steps[a]], layout, cfg)[1],
                 source_id=f"{SOURCE_PREFIX}:{rows.identity}:{ri}", rewards=rewards,
                 metadata={"lerobot_dataset": str(layout.root), "lerobot_version": layout.version,
                           "episode_index": ep.index, "run": ri, "first_frame": int(steps[a]),
                           "frame_stride": self.stride, "fps": layout.fps},
-                state=None if rows.state is None else rows.state[steps[a:b]].astype(np.float32),
-                frame_error_s={k: v[a:b] for k, v in errors.items()},
+                state=None if rows.state is None else rows.state[steps[idx]].astype(np.float32),
+                frame_error_s={k: v[idx] for k, v in errors.items()},
             ))
         return out
 
@@ -755,6 +772,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unlabeled", choices=UNLABELED_CHOICES, default="refuse",
                    help="episodes with no label from any source: refuse (error, default), failure, or skip")
     p.add_argument("--min-steps", type=int, default=1, help="drop episodes shorter than this")
+    p.add_argument("--keep-still-steps", type=int, default=None, metavar="K",
+                   help="keep only the first K steps of every stretch where the state stands still and the action "
+                        "repeats (as convert_bag's); default: keep every step")
     p.add_argument("--frame-tolerance", type=float, default=None,
                    help="seconds; a video frame farther from a row's timestamp is missing (default: period / 3)")
     p.add_argument("--episodes-per-chunk", type=int, default=50, help="LeRobot episodes per dataset transaction")
@@ -799,7 +819,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             contract=contract, mapping=mapping_from_args(args), instruction=args.instruction, success=args.success,
             labels=load_labels(args.labels) if args.labels is not None else None, unlabeled=args.unlabeled,
             min_steps=args.min_steps, frame_tolerance_s=args.frame_tolerance, episodes_per_chunk=args.episodes_per_chunk,
-            thin=args.thin,
+            thin=args.thin, keep_still_steps=args.keep_still_steps,
         )
         reports = run_import(args.inputs, args.out, cfg, on_error=args.on_error, progress=not args.no_progress)
     except (LeRobotImportError, LeRobotFormatError, LabelsError, ContractError, ImageError) as e:

@@ -504,3 +504,43 @@ def test_lerobot_dataset_trains_and_the_policy_decides(written, tmp_path, one_th
     decision = policy.decide()
     assert decision.bins.shape == (3,) and np.all((decision.action >= -1) & (decision.action <= 1))
     capsys.readouterr()
+
+
+def test_still_stretches_are_cut_as_the_bag_converter_cuts_them(tmp_path, capsys):
+    """``lerobot_import --keep-still-steps``: an operator who paused for 16 frames (the same action, the
+    state standing still) keeps the first 2 of them, as ``convert_bag`` would (``replay.still_steps``)."""
+    T, still = 30, range(10, 26)
+    rng = np.random.default_rng(5)
+    imgs = smooth_frames(T, H, W, seed=50)
+    state = np.cumsum(rng.normal(0.0, 0.1, size=(T, 2)), axis=0).astype(np.float32)
+    acts = (np.where((np.arange(T) % 2 == 0)[:, None], 0.8, -0.8) * np.ones((T, 3))).astype(np.float32)
+    for t in still:
+        state[t], acts[t] = state[still[0]], [0.0, 0.0, 0.5]
+    spec = {"root": str(tmp_path / "paused"), "fps": FPS, "features": {
+        "observation.images.front": video(), "observation.state": vec(2), "action": vec(3),
+        "next.success": FLAG, "next.done": FLAG},
+        "episodes": [{"task": "pick the cube", "frames": [
+            {"observation.images.front": imgs[t], "observation.state": state[t], "action": acts[t],
+             "next.success": np.array([False]), "next.done": np.array([t == T - 1])} for t in range(T)]}]}
+    write_with_lerobot(spec)
+    mapping = tmp_path / "mapping.yaml"
+    mapping.write_text(yaml.safe_dump({"cameras": {"cam0": "observation.images.front"},
+                                       "state": {"key": "observation.state", "dims": {"s0": 0, "s1": 1}}}))
+    report = tmp_path / "report.json"
+    argv = [spec["root"], "--contract", str(contract_file(tmp_path, state_dim=2)), "--mapping", str(mapping),
+            "--report-json", str(report), "--no-progress"]
+    assert import_main([*argv, "--out", str(tmp_path / "ds"), "--keep-still-steps", "2"]) == 0, capsys.readouterr().err
+    kept = [t for t in range(T) if not 13 <= t <= 24]  # the pause's first step changes the action; 2 still ones stay
+    (ep,) = list(ReplayReader(tmp_path / "ds"))
+    np.testing.assert_array_equal(ep.actions, acts[kept])
+    np.testing.assert_array_equal(ep.state, state[kept])
+    assert_frames_match(np.asarray(ep.frames["cam0"]), [imgs[t] for t in kept], "paused episode")
+    assert ep.entry.terminal and not ep.entry.success
+    rep = json.loads(report.read_text())[0]
+    assert rep["dropped"] == {"arm still and command repeated (beyond --keep-still-steps 2)": 12}
+    # without the option every frame is a step; a contract without state inputs cannot use it
+    assert import_main([*argv, "--out", str(tmp_path / "all")]) == 0
+    assert [ep.length for ep in ReplayReader(tmp_path / "all")] == [T]
+    assert import_main([spec["root"], "--out", str(tmp_path / "x"), "--contract", str(contract_file(tmp_path)),
+                        "--camera", "cam0=observation.images.front", "--keep-still-steps", "2", "--no-progress"]) == 1
+    assert "declares no state_inputs" in capsys.readouterr().err
