@@ -145,6 +145,8 @@ def collect(args: argparse.Namespace, contract, dataset: Path) -> list[EpisodeRe
         return read_records(log)
     if dataset.exists():
         shutil.rmtree(dataset)
+    if args.keep_still_steps is not None and not contract.state_dim:
+        raise SystemExit(f"bench_learning: --keep-still-steps needs state inputs; contract '{contract.name}' has none")
     n = len(args.tasks)
     env = MetaWorldEnvironment(contract, args.tasks, max_episode_steps=args.max_episode_steps, noise_seed=args.seed,
                                camera_map=camera_map(args))

@@ -8,7 +8,9 @@ whole, with fixed shapes, to ONNX; onnxruntime then runs each as one graph, with
 PyTorch's per-op dispatch (on the 2-core CPU VM, tiny node model: encode 2.2 -> 0.8 ms, decide 1.1 ->
 0.2 ms against eager torch).
 
-Files: ``<checkpoint stem>.encode.onnx`` and ``<checkpoint stem>.decide.onnx`` next to the checkpoint.
+Files: ``<checkpoint stem>.encode.onnx`` and ``<checkpoint stem>.decide.onnx`` next to the checkpoint, and
+for models with a frame history ``<checkpoint stem>.step.onnx``: both in one graph, which the policy runs
+when a decision follows a new frame (``OnnxSteps.encode_decide``).
 Each carries as metadata the robot contract, the model and text-encoder configs, the cached
 instruction embeddings and the checkpoint's payload sha256, so a stale pair (the checkpoint changed)
 is detected and re-exported by ``QTransformerPolicy.from_checkpoint(..., backend="onnxruntime")``, and
@@ -52,13 +54,20 @@ class OnnxBackendError(RuntimeError):
 class OnnxFiles:
     encode: Path
     decide: Path
+    step: Path
+    """Both in one graph (``encode_decide``): written for models with a frame history of 2 or more."""
+
+    def needed(self, frame_history: int) -> tuple[Path, ...]:
+        """The files a model with this frame history exports and loads."""
+        return (self.encode, self.decide) + ((self.step,) if frame_history >= 2 else ())
 
 
 def onnx_paths(checkpoint: str | Path) -> OnnxFiles:
     """Where the exported steps of ``checkpoint`` live (next to it)."""
     checkpoint = Path(checkpoint)
     stem = checkpoint.name[: -len(checkpoint.suffix)] if checkpoint.suffix else checkpoint.name
-    return OnnxFiles(checkpoint.with_name(f"{stem}.encode.onnx"), checkpoint.with_name(f"{stem}.decide.onnx"))
+    return OnnxFiles(checkpoint.with_name(f"{stem}.encode.onnx"), checkpoint.with_name(f"{stem}.decide.onnx"),
+                     checkpoint.with_name(f"{stem}.step.onnx"))
 
 
 class _Encode(nn.Module):
@@ -80,6 +89,26 @@ class _Decide(nn.Module):
         return decide_step(self.net, tokens, text, mask, proprio)
 
 
+class _EncodeDecide(nn.Module):
+    """One streaming decision in one graph: encode the new time step's frames, append their tokens to the
+    cached ones of the previous ``frame_history - 1`` steps, decide. Why: run as two onnxruntime sessions,
+    encode and decide evict each other's weights and buffers from the caches at every decision (small
+    config, 1 thread: 2.9-3.15 ms alternating against 2.1 + 0.4 ms apart); one graph ran it in 2.6 ms with
+    identical outputs (benchmarks/README.md, "onnxruntime backend, session 7")."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, images: Tensor, previous: Tensor, text: Tensor, mask: Tensor,
+                proprio: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        tokens = encode_step(self.net, images, text, mask)  # (c, k, d)
+        c, k, d = tokens.shape
+        history = torch.cat([previous, tokens.reshape(1, 1, c * k, d)], dim=1)
+        bins, q, all_q = decide_step(self.net, history, text, mask, proprio)
+        return tokens, bins, q, all_q
+
+
 def example_inputs(policy: Any) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
     """Inputs of the two steps at the policy's fixed shapes (what the exported graphs take)."""
     cfg = policy.cfg
@@ -97,7 +126,7 @@ def example_inputs(policy: Any) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]
 
 
 def export_onnx(policy: Any, files: OnnxFiles, checkpoint_digest: str = "") -> OnnxFiles:
-    """Export ``policy``'s two streaming steps (CPU, float32) to ``files``, each written atomically."""
+    """Export ``policy``'s streaming steps (CPU, float32) to ``files``, each written atomically."""
     import onnx
 
     net = policy.net
@@ -113,11 +142,19 @@ def export_onnx(policy: Any, files: OnnxFiles, checkpoint_digest: str = "") -> O
             "objective": policy.objective,
             "checkpoint_payload_sha256": checkpoint_digest,
         }
-        for step, module, args, names, outputs in (
+        steps = [
             ("encode", _Encode(net).eval(), enc_args, ["images", "text", "mask"], ["tokens"]),
             ("decide", _Decide(net).eval(), dec_args, ["tokens", "text", "mask", "proprio"][:len(dec_args)],
              ["bins", "q_chosen", "all_q"]),
-        ):
+        ]
+        if policy.cfg.frame_history < 2:
+            files.step.unlink(missing_ok=True)  # another model's fused step must not be loaded with this one
+        else:
+            step_args = (enc_args[0], dec_args[0][:, 1:].contiguous(), *dec_args[1:])
+            steps.append(("step", _EncodeDecide(net).eval(), step_args,
+                          ["images", "previous", "text", "mask", "proprio"][:len(step_args)],
+                          ["tokens", "bins", "q_chosen", "all_q"]))
+        for step, module, args, names, outputs in steps:
             path = getattr(files, step)
             tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
             try:
@@ -192,8 +229,10 @@ class OnnxSteps:
         options.intra_op_num_threads = threads if threads is not None else torch.get_num_threads()
         options.inter_op_num_threads = 1
         self._sessions = {}
-        for step in ("encode", "decide"):
+        for step in ("encode", "decide", "step"):
             path = getattr(files, step)
+            if step == "step" and not path.is_file():
+                continue  # a model without a frame history exports no fused step
             if not path.is_file():
                 raise OnnxBackendError(f"{path}: exported '{step}' step not found (export_onnx first)")
             try:
@@ -201,6 +240,8 @@ class OnnxSteps:
             except Exception as e:  # noqa: BLE001
                 raise OnnxBackendError(f"{path}: onnxruntime cannot load it: {type(e).__name__}: {e}") from None
         self._inputs = {s: [i.name for i in sess.get_inputs()] for s, sess in self._sessions.items()}
+        self.fused = "step" in self._sessions
+        """True when ``encode_decide`` runs a new frame and the decision as one graph."""
 
     def _run(self, step: str, *args: Tensor) -> list[np.ndarray]:
         feeds = {name: a.detach().cpu().numpy() for name, a in zip(self._inputs[step], args)}
@@ -219,6 +260,17 @@ class OnnxSteps:
         bins, q, all_q = self._run("decide", *args)
         return torch.from_numpy(bins), torch.from_numpy(q), torch.from_numpy(all_q)
 
+    def encode_decide(self, images: Tensor, previous: Tensor, text: Tensor, mask: Tensor,
+                      proprio: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``encode`` of the new time step and ``decide`` on ``previous`` ``(1, f - 1, c*k, d)`` plus its
+        tokens, in one run: (new tokens ``(c, k, d)``, bins, q_chosen, all_q)."""
+        args = (images, previous.float(), text.float(), mask) + (() if proprio is None else (proprio.float(),))
+        if len(args) != len(self._inputs["step"]):
+            raise OnnxBackendError(f"{self.files.step}: the exported step takes inputs {self._inputs['step']}, "
+                                   f"got {len(args)} (a stale export? re-export it)")
+        tokens, bins, q, all_q = self._run("step", *args)
+        return torch.from_numpy(tokens), torch.from_numpy(bins), torch.from_numpy(q), torch.from_numpy(all_q)
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m q_transformer_ros.core.onnx_backend CHECKPOINT``: export the steps next to it."""
@@ -236,7 +288,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"export_onnx: error: {e}", file=sys.stderr)
         return 1
     files = policy.steps.files
-    print(f"export_onnx: {files.encode}\nexport_onnx: {files.decide}\nexport_onnx: {time.perf_counter() - t0:.1f} s")
+    for path in files.needed(policy.cfg.frame_history):
+        print(f"export_onnx: {path}")
+    print(f"export_onnx: {time.perf_counter() - t0:.1f} s")
     return 0
 
 

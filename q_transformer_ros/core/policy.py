@@ -140,6 +140,9 @@ class QTransformerPolicy:
         self._frames: deque[Tensor] = deque(maxlen=self.cfg.frame_history)
         self._proprio: deque[Tensor] = deque(maxlen=self.cfg.frame_history)
         """Normalised state inputs ``(S,)`` of the kept time steps (empty without state inputs)."""
+        self._pending: Tensor | None = None
+        """Frames ``(c, 3, h, w)`` pushed but not yet encoded: with a fused backend (``OnnxSteps.fused``)
+        the next ``decide`` encodes them and decides in one run; another ``push`` encodes them first."""
         self.instruction: str | None = None
         self._text: tuple[Tensor, Tensor] = self._as_step_inputs(*self._resolve_text(None))
         """Current instruction as (text ``(1, T)``, mask ``(1,)``): the form every step takes."""
@@ -208,10 +211,10 @@ class QTransformerPolicy:
 
         providers = check_providers(providers)  # before any export work: a missing provider is the user's first error
         files = onnx_paths(checkpoint)
-        fresh = files.encode.is_file() and files.decide.is_file() and not reexport
+        needed = files.needed(self.cfg.frame_history)
+        fresh = all(f.is_file() for f in needed) and not reexport
         if fresh and checkpoint_digest:
-            fresh = all(read_metadata(f).get("checkpoint_payload_sha256") == checkpoint_digest
-                        for f in (files.encode, files.decide))
+            fresh = all(read_metadata(f).get("checkpoint_payload_sha256") == checkpoint_digest for f in needed)
         if not fresh:
             export_onnx(self, files, checkpoint_digest)
         self.steps = OnnxSteps(files, providers)
@@ -309,25 +312,44 @@ class QTransformerPolicy:
         self._text = self._as_step_inputs(*self._resolve_text(instruction))
         self.instruction = instruction
         self._tokens.clear()
+        self._pending = None
         self._frames.clear()
         self._proprio.clear()
 
     @property
     def history_length(self) -> int:
         """Frames pushed since the last reset, capped at ``frame_history``."""
-        return len(self._tokens)
+        return min(len(self._tokens) + (self._pending is not None), self.cfg.frame_history)
 
     @torch.inference_mode()
     def push(self, obs: Observation) -> None:
         """Add one time step: its frames (each camera's frame is encoded once) and state inputs."""
         images = self._frames_tensor(obs.frames, with_time=False)  # (c, 3, h, w)
         proprio = self._proprio_tensor(obs.state, with_time=False)
-        with self._amp():
-            tokens = self.steps.encode(images, *self._text)
-        self._tokens.append(rearrange(tokens.float(), "c k d -> (c k) d"))
+        self._encode_pending()
+        if getattr(self.steps, "fused", False) and self._tokens:
+            self._pending = images  # encoded together with the next decision
+        else:
+            self._encode(images)
         self._frames.append(images)
         if proprio is not None:
             self._proprio.append(proprio)
+
+    def _encode(self, images: Tensor) -> None:
+        with self._amp():
+            tokens = self.steps.encode(images, *self._text)
+        self._tokens.append(rearrange(tokens.float(), "c k d -> (c k) d"))
+
+    def _encode_pending(self) -> None:
+        if self._pending is not None:
+            images, self._pending = self._pending, None
+            self._encode(images)
+
+    def _previous_tokens(self) -> Tensor:
+        """The cached tokens a new time step's decision sees before its own: the last ``frame_history - 1``
+        of them, padded like ``_padded`` pads the whole history, ``(1, f - 1, c*k, d)``."""
+        kept = list(self._tokens)[-(self.cfg.frame_history - 1):]
+        return rearrange(torch.stack([kept[0]] * (self.cfg.frame_history - 1 - len(kept)) + kept), "f ck d -> 1 f ck d")
 
     def push_frames(self, frames: Mapping[str, np.ndarray]) -> None:
         """``push`` for contracts without state inputs: ``{camera: uint8 (3, H, W)}``."""
@@ -358,10 +380,19 @@ class QTransformerPolicy:
 
     @torch.inference_mode()
     def decide(self, beam_width: int = 1) -> Decision:
-        """Decide from the cached frame tokens (history transformer + autoregressive head only)."""
-        if not self._tokens:
+        """Decide from the cached frame tokens (history transformer + autoregressive head only). With a fused
+        backend the newest frame is encoded here, in the same run (``inference_time_s`` then includes it)."""
+        if not self._tokens and self._pending is None:
             raise PolicyInputError("decide() called before push_frames(): no frames since the last reset()")
         start = time.perf_counter()
+        if self._pending is not None and beam_width == 1 and getattr(self.steps, "fused", False):
+            images, self._pending = self._pending, None
+            with self._amp():
+                tokens, bins, q, all_q = self.steps.encode_decide(images, self._previous_tokens(), *self._text,
+                                                                  self._history_proprio())
+            self._tokens.append(rearrange(tokens.float(), "c k d -> (c k) d"))
+            return self._decision(bins, q, all_q, start)
+        self._encode_pending()
         tokens = rearrange(torch.stack(self._padded(self._tokens)), "f ck d -> 1 f ck d")
         proprio = self._history_proprio()
         with self._amp():

@@ -3,19 +3,20 @@
 Why: recordings hold long stretches in which nothing happens. An operator who stopped short, or went to
 the wrong place, stands there until the recording ends; a teleoperator pauses before and after the task.
 Each such stretch puts tens of copies of one (observation, "do nothing") pair into the data. Cloning
-then learns to stand still wherever the stretches were; Q-learning's conservative term, applied once
-per sample, pushes every other action at those observations toward the minimum reward tens of times for
-each time the expert's passage pushed the right one up, so the greedy action there becomes "stand
-still" as well (measured on the demo's data: benchmarks/README.md, "Learning, session 7"). The
-stretches carry no information beyond their first few steps: the state does not change, and a
-transition from a state to itself only repeats the first one.
+then learns to stand still wherever the stretches were. Q-learning's conservative term is applied once
+per sample, so at those observations it pushes every other action toward the minimum reward tens of
+times for each time an expert's passage pushed the right one up; in the demo's runs the Q-Transformer
+stood still there as well (benchmarks/README.md, "Learning, session 7"). The stretches carry nothing
+beyond their first few steps: the state does not change, and a transition from a state to itself only
+repeats the first one.
 
 A step ``t`` is *still* when the state inputs move less than ``state_tolerance`` (a fraction of each
-input's contract range) from step ``t`` to ``t + 1`` (for the last step: from ``t - 1`` to ``t``) and
-its action is within one bin width of step ``t - 1``'s on every dim (not "in the same bin": a command
-that hovers around zero, as a position controller's does at its goal, flickers across the bin edge at 0). ``keep_still_steps`` keeps the first ``k``
-steps of every run of still steps and drops the rest, so an episode still says that the robot stopped
-there, once. Judged on the state inputs: contracts without them cannot tell "still" from "moving".
+input's contract range) from step ``t`` to ``t + 1`` (for the last step: from ``t - 1`` to ``t``) and its
+action is within one bin width of step ``t - 1``'s on every dim (not "in the same bin": a command that
+hovers around zero, as a position controller's does at its goal, flickers across the bin edge at 0).
+``keep_still_steps`` keeps the first ``k`` steps of every run of still steps and drops the rest, so an
+episode still says, once, that the robot stopped there. Judged on the state inputs: contracts without
+them cannot tell "still" from "moving".
 """
 
 from __future__ import annotations

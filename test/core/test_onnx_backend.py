@@ -41,6 +41,8 @@ def test_onnxruntime_decides_like_torch_through_an_episode(checkpoint) -> None:
     ref = QTransformerPolicy.from_checkpoint(checkpoint, device="cpu")
     ort = QTransformerPolicy.from_checkpoint(checkpoint, device="cpu", backend="onnxruntime")
     assert ref.backend == "torch" and ort.backend == "onnxruntime"
+    # frame history 3: a decision after a new frame runs encode + decide as one graph
+    assert ort.steps.fused and onnx_paths(checkpoint).step.is_file()
     rng = np.random.default_rng(0)
     qs = []
     for policy_step in range(24):
@@ -48,9 +50,11 @@ def test_onnxruntime_decides_like_torch_through_an_episode(checkpoint) -> None:
             instruction = INSTRUCTIONS[(policy_step // 9) % 2]
             ref.reset(instruction)
             ort.reset(instruction)
-        frames = {cam: rng.integers(0, 256, (3, 32, 32), dtype=np.uint8) for cam in ref.camera_names}
-        ref.push_frames(frames)
-        ort.push_frames(frames)
+        for _ in range(2 if policy_step in (4, 12) else 1):  # now and then two frames before a decision
+            frames = {cam: rng.integers(0, 256, (3, 32, 32), dtype=np.uint8) for cam in ref.camera_names}
+            ref.push_frames(frames)
+            ort.push_frames(frames)
+        assert ort.history_length == ref.history_length
         a, b = ref.decide(), ort.decide()
         np.testing.assert_array_equal(a.bins, b.bins, err_msg=f"step {policy_step}")
         np.testing.assert_allclose(a.all_q, b.all_q, atol=1e-4, rtol=0, err_msg=f"step {policy_step}")

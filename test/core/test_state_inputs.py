@@ -201,6 +201,15 @@ def test_onnx_decide_with_state_matches_torch(tmp_path) -> None:
         got = onnx.decide(tokens, *policy._text, policy._history_proprio())
     np.testing.assert_array_equal(got[0].numpy(), want[0].numpy())
     np.testing.assert_allclose(got[2].numpy(), want[2].numpy(), atol=1e-4)
+    # the newest frame encoded and decided in one graph (frame history 3), with the state history
+    assert onnx.fused
+    with torch.inference_mode():
+        previous = torch.stack(policy._padded(policy._tokens))[None][:, :-1]
+        new_tokens, *fused = onnx.encode_decide(policy._frames[-1], previous, *policy._text, policy._history_proprio())
+    np.testing.assert_allclose(new_tokens.reshape(-1, new_tokens.shape[-1]).numpy(), policy._tokens[-1].numpy(),
+                               atol=1e-4)
+    np.testing.assert_array_equal(fused[0].numpy(), want[0].numpy())
+    np.testing.assert_allclose(fused[2].numpy(), want[2].numpy(), atol=1e-4)
 
 
 # -- learning: the state decides ------------------------------------------------------------------
