@@ -164,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              med, spread, st.p99_ms, st.cpu_p50_ms, common.ratio(med, ref_stats.p50_ms if ref_stats else None)])
             if mode == "onnxruntime":
                 exports = sorted(r["export_s"] for r in runs)
-                notes.append(f"{arch.name}: ONNX export of both steps took {exports[len(exports) // 2]:.1f} s "
+                notes.append(f"{arch.name}: ONNX export of the steps took {exports[len(exports) // 2]:.1f} s "
                              f"(range {exports[0]:.1f}-{exports[-1]:.1f}), then warm-up "
                              f"{sorted(r['warmup_s'] for r in runs)[len(runs) // 2]:.2f} s")
             elif mode != "off":

@@ -54,7 +54,7 @@ def test_decision_latency_quick(tmp_path: Path, capsys: pytest.CaptureFixture[st
             assert ours["params"] > 100_000
     assert data["results"]["small"]["ours_onnxruntime"][0]["export_s"] > 0
     assert "ours streaming (push_frames+decide)" in text
-    assert "ours streaming (push_frames+decide, onnxruntime)" in text and "ONNX export of both steps" in text
+    assert "ours streaming (push_frames+decide, onnxruntime)" in text and "ONNX export of the steps" in text
     assert "reference" not in data["results"]["small"]
 
 
