@@ -338,6 +338,10 @@ class QTransformerPolicy:
     def _encode(self, images: Tensor) -> None:
         with self._amp():
             tokens = self.steps.encode(images, *self._text)
+        self._append_tokens(tokens)
+
+    def _append_tokens(self, tokens: Tensor) -> None:
+        """One time step's frame tokens ``(c, k, d)`` into the history, as ``(c*k, d)`` float."""
         self._tokens.append(rearrange(tokens.float(), "c k d -> (c k) d"))
 
     def _encode_pending(self) -> None:
@@ -390,7 +394,7 @@ class QTransformerPolicy:
             with self._amp():
                 tokens, bins, q, all_q = self.steps.encode_decide(images, self._previous_tokens(), *self._text,
                                                                   self._history_proprio())
-            self._tokens.append(rearrange(tokens.float(), "c k d -> (c k) d"))
+            self._append_tokens(tokens)
             return self._decision(bins, q, all_q, start)
         self._encode_pending()
         tokens = rearrange(torch.stack(self._padded(self._tokens)), "f ck d -> 1 f ck d")

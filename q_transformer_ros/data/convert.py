@@ -44,7 +44,7 @@ from q_transformer_ros.data.messages import FieldError, JointNotInMessage, group
 from q_transformer_ros.data.sync import (
     NS, AgeStats, DimStream, LatestFrameSelector, StepPlan, actions_for_steps, plan_steps, valid_runs, values_at,
 )
-from q_transformer_ros.replay.still_steps import keep_still_steps, still_steps
+from q_transformer_ros.replay.still_steps import dropped_reason, keep_option_problem, keep_still_steps, still_steps
 
 UNLABELED_CHOICES = ("refuse", "failure", "skip")
 ON_ERROR_CHOICES = ("abort", "skip")
@@ -134,12 +134,8 @@ class ConvertConfig:
             raise ConvertError(f"--min-steps {self.min_steps!r}: must be an integer >= 1")
         if self.instruction is not None and not self.instruction.strip():
             raise ConvertError("--instruction: empty text")
-        if self.keep_still_steps is not None:
-            if not (isinstance(self.keep_still_steps, int) and self.keep_still_steps >= 0):
-                raise ConvertError(f"--keep-still-steps {self.keep_still_steps!r}: must be an integer >= 0")
-            if not self.contract.state_dim:
-                raise ConvertError(f"--keep-still-steps: contract '{self.contract.name}' declares no state_inputs, "
-                                   "so standing still cannot be told from moving; drop the option or add state inputs")
+        if self.keep_still_steps is not None and (problem := keep_option_problem(self.keep_still_steps, self.contract)):
+            raise ConvertError(problem)
 
     @property
     def frame_age_limit_s(self) -> float:
@@ -578,9 +574,8 @@ def build_episodes(spans: list[Span], labels: list[Label], plans: list[StepPlan]
             keep = np.arange(a, b)
             if cfg.keep_still_steps is not None:
                 keep = keep[keep_still_steps(still_steps(actions[a:b], state[a:b], c), cfg.keep_still_steps)]
-                n_still = (b - a) - len(keep)
-                if n_still:
-                    dropped[f"arm still and command repeated (beyond --keep-still-steps {cfg.keep_still_steps})"] += n_still
+                if b - a > len(keep):
+                    dropped[dropped_reason(cfg.keep_still_steps)] += b - a - len(keep)
             idx = sl.start + keep
             episodes.append(ConvertedEpisode(
                 frames={name: frames[name][idx] for name in frames}, actions=actions[keep].astype(np.float32),

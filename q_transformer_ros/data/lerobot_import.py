@@ -46,7 +46,7 @@ from q_transformer_ros.data.lerobot_format import (
     EpisodeRef, LeRobotFormatError, LeRobotLayout, VideoFrames, column_array, decode_image_cell, open_lerobot,
 )
 from q_transformer_ros.data.sync import valid_runs
-from q_transformer_ros.replay.still_steps import keep_still_steps, still_steps
+from q_transformer_ros.replay.still_steps import dropped_reason, keep_option_problem, keep_still_steps, still_steps
 
 SOURCE_PREFIX = "lerobot"
 SUCCESS_AUTO = ("next.success", "next.done")
@@ -320,12 +320,8 @@ class ImportConfig:
             raise LeRobotImportError(f"--frame-tolerance {self.frame_tolerance_s!r}: must be > 0 seconds")
         if self.instruction is not None and not self.instruction.strip():
             raise LeRobotImportError("--instruction: empty text")
-        if self.keep_still_steps is not None:
-            if not (isinstance(self.keep_still_steps, int) and self.keep_still_steps >= 0):
-                raise LeRobotImportError(f"--keep-still-steps {self.keep_still_steps!r}: must be an integer >= 0")
-            if not self.contract.state_dim:
-                raise LeRobotImportError(f"--keep-still-steps: contract '{self.contract.name}' declares no state_inputs, "
-                                         "so standing still cannot be told from moving; drop the option or add state inputs")
+        if self.keep_still_steps is not None and (problem := keep_option_problem(self.keep_still_steps, self.contract)):
+            raise LeRobotImportError(problem)
 
     @property
     def tolerance_s(self) -> float:
@@ -569,8 +565,7 @@ class DatasetImport:
                 idx = idx[keep_still_steps(still_steps(actions[a:b], rows.state[steps[a:b]], cfg.contract),
                                            cfg.keep_still_steps)]
                 if b - a > len(idx):
-                    self.dropped[f"arm still and command repeated (beyond --keep-still-steps {cfg.keep_still_steps})"] += \
-                        b - a - len(idx)
+                    self.dropped[dropped_reason(cfg.keep_still_steps)] += b - a - len(idx)
             rewards = None
             if rows.rewards is not None:
                 rewards = rows.rewards[steps[idx]].astype(np.float32)

@@ -29,6 +29,21 @@ STATE_TOLERANCE = 0.002
 """Default: moved less than 0.2 % of each state input's range in a step (2 mm on a 1 m workspace axis)."""
 
 
+def keep_option_problem(keep: object, contract: RobotContract) -> str | None:
+    """Why ``--keep-still-steps keep`` cannot be used with ``contract`` (the importers' error text), or None."""
+    if not (isinstance(keep, int) and not isinstance(keep, bool) and keep >= 0):
+        return f"--keep-still-steps {keep!r}: must be an integer >= 0"
+    if not contract.state_dim:
+        return (f"--keep-still-steps: contract '{contract.name}' declares no state_inputs, so standing still cannot "
+                "be told from moving; drop the option or add state inputs")
+    return None
+
+
+def dropped_reason(keep: int) -> str:
+    """The importers' report reason for the still steps ``keep_still_steps`` drops."""
+    return f"arm still and command repeated (beyond --keep-still-steps {keep})"
+
+
 def still_steps(actions: np.ndarray, state: np.ndarray, contract: RobotContract,
                 state_tolerance: float = STATE_TOLERANCE) -> np.ndarray:
     """bool (T,): which steps of one episode are still (module docstring)."""
