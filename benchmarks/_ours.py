@@ -115,16 +115,13 @@ def measure_training(arch: common.BenchArch, folder: Path, batch_size: int, warm
     lcfg = LearnerConfig(discount=ds.contract.discount)
     opt = torch.optim.AdamW(net.parameters(), lr=3e-4, weight_decay=0.01)
     rng = np.random.default_rng(seed)
-    keys = ("frames", "next_frames", "action_bins", "rewards", "reward_mask", "discount_to_next", "mc_return",
-            "instruction_index")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
     step_no = 0
 
     def one_step() -> None:
         nonlocal step_no
         idx = rng.choice(len(ds), size=batch_size, replace=len(ds) < batch_size)
-        batch = ds.get_batch(idx)
-        batch = {k: batch[k].to(dev, non_blocking=True) for k in keys}
+        batch = ds.get_batch(idx).training_view().to(dev, non_blocking=True)
         opt.zero_grad(set_to_none=True)
         with autocast:
             loss, _ = learning_step(batch, net, target, None, lcfg)

@@ -40,6 +40,7 @@ from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from q_transformer_ros.config_io import dataclass_from_dict
+from q_transformer_ros.core.batch import TrainingBatch
 from q_transformer_ros.core.hl_gauss import support_for
 
 Objective = Literal["q_learning", "bc"]
@@ -319,7 +320,7 @@ def _text_dim(net: nn.Module) -> int:
 
 
 def learning_step(
-    batch: Mapping[str, Tensor],
+    batch: TrainingBatch,
     online_net: nn.Module,
     target_net: nn.Module | None,
     text_embeddings: Tensor | None,
@@ -327,20 +328,21 @@ def learning_step(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """One loss evaluation: returns the scalar loss (to backpropagate) and detached metrics.
 
-    batch: tensors on the model's device: ``frames`` uint8 (b, c, f, 3, h, w), ``next_frames`` uint8,
-    ``action_bins`` int64 (b, n), ``rewards`` float (b, s), ``discount_to_next`` (b,), ``mc_return`` (b,),
-    ``instruction_index`` int64 (b,), optional ``reward_mask`` (b, s), and for models with state inputs
-    ``state`` / ``next_state`` float (b, f, p) (normalised robot state over the two frame windows).
+    batch: a :class:`~q_transformer_ros.core.batch.TrainingBatch` on the model's device (a full ``Batch``
+    is one too; the trainer passes ``batch.training_view()``): ``frames`` / ``next_frames`` uint8
+    (b, c, f, 3, h, w), ``action_bins`` int64 (b, n), ``rewards`` / ``reward_mask`` (b, s),
+    ``discount_to_next`` (b,), ``mc_return`` (b,), ``instruction_index`` int64 (b,), and for models with
+    state inputs ``state`` / ``next_state`` float (b, f, p) (normalised robot state over the two windows).
     online_net may be DDP-wrapped (its forward is called through the wrapper so gradients sync);
     target_net is the bare target model (unused for 'bc')."""
     bare = unwrap(online_net)
     bin_mask = bare.bin_mask.to(torch.bool)  # (n, a)
-    action_bins = batch["action_bins"].long()
-    text, text_mask = instruction_conditioning(batch["instruction_index"].long(), text_embeddings, _text_dim(bare))
+    action_bins = batch.action_bins.long()
+    text, text_mask = instruction_conditioning(batch.instruction_index.long(), text_embeddings, _text_dim(bare))
 
-    proprio = batch.get("state")
+    proprio = batch.state
     with_state = {} if proprio is None else {"proprio": proprio}  # networks without state inputs take none
-    logits = online_net(batch["frames"], text, text_mask, action_bins, cond_drop_prob=cfg.cond_drop_prob,
+    logits = online_net(batch.frames, text, text_mask, action_bins, cond_drop_prob=cfg.cond_drop_prob,
                         **with_state)
     metrics: dict[str, Tensor] = {}
 
@@ -363,11 +365,11 @@ def learning_step(
 
     with torch.no_grad():
         b = action_bins.shape[0]
-        frames2 = torch.cat([batch["frames"], batch["next_frames"]], dim=0)
+        frames2 = torch.cat([batch.frames, batch.next_frames], dim=0)
         # dim 0 at s_{t+n} does not depend on the bins fed to the head; reuse the data's bins
         bins2 = torch.cat([action_bins, action_bins], dim=0)
         if proprio is not None:
-            with_state = {"proprio": torch.cat([proprio, batch["next_state"]], dim=0)}
+            with_state = {"proprio": torch.cat([proprio, batch.next_state], dim=0)}
         t_logits = target_net(frames2, torch.cat([text, text]), torch.cat([text_mask, text_mask]), bins2,
                               cond_drop_prob=0.0, **with_state)
         q_t = target_net.q_values(t_logits).float().amin(dim=0)  # (2b, n, a) min over critics
@@ -376,11 +378,11 @@ def learning_step(
             q_now,
             q_next_state[:, 0],
             bin_mask,
-            batch["rewards"].float(),
+            batch.rewards.float(),
             cfg.discount,
-            batch["discount_to_next"].float(),
-            batch["mc_return"].float() if cfg.mc_lower_bound else None,
-            batch.get("reward_mask"),
+            batch.discount_to_next.float(),
+            batch.mc_return.float() if cfg.mc_lower_bound else None,
+            batch.reward_mask,
         )
 
     pred = take_bins(logits, action_bins) if cfg.td_loss == "hl_gauss" else take_bins(q, action_bins)

@@ -5,8 +5,9 @@ each frame is stored once; history windows (padded at the episode start by repea
 are assembled at sample time with numpy fancy indexing. Everything small (actions, rewards, flags,
 returns) is loaded into RAM once, bins are computed from the *given* contract (so re-binning needs no
 reconversion) and the n-step layout of every sample is precomputed, so ``get_batch`` is a handful of
-vectorised gathers. ``__getitem__`` is written independently (plain per-sample slicing) and the tests
-check that both agree.
+vectorised gathers returning one typed :class:`~q_transformer_ros.core.batch.Batch`. ``__getitem__`` is
+written independently (plain per-sample slicing, a ``ReplaySample`` dict with the same field names) and
+the tests check that both agree field by field.
 
 Axis legend: B batch, C cameras, F frame history, N n-step, D action dims, H W image size.
 """
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from q_transformer_ros.core.batch import Batch
 from q_transformer_ros.replay.format import (
     ACTIONS_FILE, CHUNKS_DIR, EMBEDDINGS_DIR, MANIFEST_NAME, MC_RETURNS_FILE, REWARDS_FILE, STATE_FILE, STEP_ARRAYS,
     TERMINALS_FILE, TRUNCATED_FILE, DatasetError, Manifest, frames_file, read_manifest,
@@ -30,7 +32,8 @@ from q_transformer_ros.contract import RobotContract
 
 
 class ReplaySample(TypedDict):
-    """One sample (``__getitem__``); ``get_batch`` returns the same keys with a leading B axis."""
+    """One sample (``__getitem__``, the reference path); ``get_batch`` returns a
+    :class:`~q_transformer_ros.core.batch.Batch` with the same field names and a leading B axis."""
 
     frames: torch.Tensor
     """uint8 (C, F, 3, H, W): history window ending at step t (first frame repeated at episode start)."""
@@ -345,8 +348,9 @@ class ReplayDataset(Dataset):
         return outs
 
     # -- samples --------------------------------------------------------------------------------
-    def get_batch(self, indices: np.ndarray | Sequence[int]) -> dict[str, torch.Tensor]:
-        """A whole batch of samples with vectorised indexing; same keys as ``__getitem__`` plus B."""
+    def get_batch(self, indices: np.ndarray | Sequence[int]) -> Batch:
+        """A whole batch of samples with vectorised indexing: the fields of ``__getitem__`` with a leading b
+        axis, as one :class:`~q_transformer_ros.core.batch.Batch`."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"{self.root}: sample indices {idx.min()}..{idx.max()} out of range for {len(self)} samples")
@@ -359,28 +363,29 @@ class ReplayDataset(Dataset):
         g = self.ep_start[ep] + t
         rewards, mask = n_step_rewards(self.rewards, g, n_eff, N)
         powers = np.power(gamma, np.arange(N, dtype=np.float64))
-        extra = {}
+        state = next_state = None
         if self.state_norm is not None:
             first = self.ep_start[ep][:, None]
-            extra = {"state": torch.from_numpy(self.state_norm[first + (t[:, None] + back).clip(min=0)]),
-                     "next_state": torch.from_numpy(self.state_norm[first + (nxt[:, None] + back).clip(min=0)])}
-        return {
-            **extra,
-            "frames": torch.from_numpy(frames),
-            "next_frames": torch.from_numpy(next_frames),
-            "action_bins": torch.from_numpy(self.action_bins[g]),
-            "actions": torch.from_numpy(self.actions[g]),
-            "rewards": torch.from_numpy(rewards),
-            "reward_mask": torch.from_numpy(mask),
-            "n_step_return": torch.from_numpy((rewards.astype(np.float64) @ powers).astype(np.float32)),
-            "discount_to_next": torch.from_numpy(self._layout.discount_to_next[idx]),
-            "n_eff": torch.from_numpy(n_eff.astype(np.int64)),
-            "mc_return": torch.from_numpy(self.mc_returns[g]),
-            "instruction_index": torch.from_numpy(self.ep_instruction[ep]),
-            "terminal": torch.from_numpy(self._layout.terminal[idx]),
-            "step_index": torch.from_numpy(g),
-            "episode_index": torch.from_numpy(ep.astype(np.int64)),
-        }
+            state = torch.from_numpy(self.state_norm[first + (t[:, None] + back).clip(min=0)])
+            next_state = torch.from_numpy(self.state_norm[first + (nxt[:, None] + back).clip(min=0)])
+        return Batch(
+            frames=torch.from_numpy(frames),
+            next_frames=torch.from_numpy(next_frames),
+            state=state,
+            next_state=next_state,
+            action_bins=torch.from_numpy(self.action_bins[g]),
+            actions=torch.from_numpy(self.actions[g]),
+            rewards=torch.from_numpy(rewards),
+            reward_mask=torch.from_numpy(mask),
+            n_step_return=torch.from_numpy((rewards.astype(np.float64) @ powers).astype(np.float32)),
+            discount_to_next=torch.from_numpy(self._layout.discount_to_next[idx]),
+            n_eff=torch.from_numpy(n_eff.astype(np.int64)),
+            mc_return=torch.from_numpy(self.mc_returns[g]),
+            instruction_index=torch.from_numpy(self.ep_instruction[ep]),
+            terminal=torch.from_numpy(self._layout.terminal[idx]),
+            step_index=torch.from_numpy(g),
+            episode_index=torch.from_numpy(ep.astype(np.int64)),
+        )
 
     def __getitem__(self, i: int) -> ReplaySample:
         """One sample, by plain per-sample slicing (the reference path ``get_batch`` is tested against)."""

@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from q_transformer_ros.config_io import dataclass_from_dict, load_yaml
 from q_transformer_ros.core.augment import random_shift
+from q_transformer_ros.core.batch import Batch
 from q_transformer_ros.core.checkpoint import (
     CHECKPOINT_NAME, CheckpointError, load_checkpoint, remove_stale_temp_files, rng_state, save_checkpoint,
     set_rng_state,
@@ -283,8 +284,9 @@ def config_from_args(argv: Sequence[str] | None) -> TrainConfig:
 # ---------------------------------------------------------------------------------------------
 
 class BatchDataset(Dataset):
-    """Maps a list of indices to one whole batch: the DataLoader (``batch_size=None``) is fed the
-    batch sampler's index lists, so workers call the vectorised ``get_batch`` once per batch.
+    """Maps a list of indices to one whole :class:`Batch`: the DataLoader (``batch_size=None``) is fed the
+    batch sampler's index lists, so workers call the vectorised ``get_batch`` once per batch (the
+    loader's default_convert passes the Batch through as it is; ``pin_memory`` calls its method).
 
     Several datasets are concatenated; their instruction tables are merged (``instructions``) and each
     dataset's ``instruction_index`` is remapped into the merged table."""
@@ -308,27 +310,23 @@ class BatchDataset(Dataset):
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
-    def __getitem__(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+    def __getitem__(self, indices: Sequence[int]) -> Batch:
         idx = np.asarray(indices, dtype=np.int64)
         which = np.searchsorted(self.offsets, idx, side="right") - 1
-        parts, order = [], []
+        parts: list[Batch] = []
+        order = []
         for k in np.unique(which):
             rows = np.flatnonzero(which == k)
             b = self.datasets[k].get_batch(idx[rows] - self.offsets[k])
-            ii = b["instruction_index"].numpy()
+            ii = b.instruction_index.numpy()
             if self.remaps[k].size:
                 ii = np.where(ii >= 0, self.remaps[k][ii.clip(min=0)], -1)
-            b["instruction_index"] = torch.from_numpy(ii.astype(np.int64))
-            parts.append(b)
+            parts.append(dataclasses.replace(b, instruction_index=torch.from_numpy(ii.astype(np.int64))))
             order.append(rows)
         if len(parts) == 1:
             return parts[0]
         inv = np.argsort(np.concatenate(order))
-        return {key: torch.cat([p[key] for p in parts])[torch.from_numpy(inv)] for key in parts[0]}
-
-
-TRAIN_KEYS = ("frames", "next_frames", "state", "next_state", "action_bins", "rewards", "reward_mask", "discount_to_next", "mc_return",
-              "instruction_index")
+        return Batch.concat(parts).index(torch.from_numpy(inv))
 
 
 def open_datasets(cfg: TrainConfig, contract: RobotContract | None) -> tuple[list[Any], RobotContract]:
@@ -682,7 +680,7 @@ def build_run(cfg: TrainConfig, info: DistInfo, ModelConfig: Any, QTransformerNe
 
 # -- one update ----------------------------------------------------------------------------------
 
-def update_step(run: TrainRun, batches: Iterator[dict[str, torch.Tensor]]) -> tuple[dict[str, float], int]:
+def update_step(run: TrainRun, batches: Iterator[Batch]) -> tuple[dict[str, float], int]:
     """One optimizer step: ``grad_accum`` micro-batches of :func:`learning_step`, clipping, the optimizer
     and schedule step, the target-network update. Returns the step's metrics and the samples it used
     (all ranks)."""
@@ -692,13 +690,13 @@ def update_step(run: TrainRun, batches: Iterator[dict[str, torch.Tensor]]) -> tu
     agg: dict[str, torch.Tensor] = {}
     samples = 0
     for micro in range(cfg.grad_accum):
-        batch = next(batches)
+        batch = next(batches).training_view()  # the bookkeeping fields are dropped, never moved
         run.consumed += 1
-        batch = {k: batch[k].to(run.device, non_blocking=True) for k in TRAIN_KEYS if k in batch}
+        batch = batch.to(run.device, non_blocking=True)
         if cfg.augment_shift_px > 0:
-            for key in ("frames", "next_frames"):
-                if key in batch:
-                    batch[key] = random_shift(batch[key], cfg.augment_shift_px)
+            frames = random_shift(batch.frames, cfg.augment_shift_px)
+            next_frames = random_shift(batch.next_frames, cfg.augment_shift_px)
+            batch = dataclasses.replace(batch, frames=frames, next_frames=next_frames)
         sync = info.enabled and micro < cfg.grad_accum - 1
         with (run.ddp_model.no_sync() if sync else nullcontext()):
             with autocast:
@@ -711,7 +709,7 @@ def update_step(run: TrainRun, batches: Iterator[dict[str, torch.Tensor]]) -> tu
             (loss / cfg.grad_accum).backward()
         for k, v in metrics.items():
             agg[k] = agg.get(k, 0.0) + v.float() / cfg.grad_accum
-        samples += batch["action_bins"].shape[0] * info.world_size
+        samples += batch.batch_size * info.world_size
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), max_norm)
     if not torch.isfinite(grad_norm):

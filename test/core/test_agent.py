@@ -92,7 +92,7 @@ def test_greedy_policy_succeeds_and_is_called(tmp_path: Path):
     assert rep.successes == 5 and rep.explored_steps == 0 and rep.success_rate == 1.0
     assert pol.pushed == rep.steps and len(pol.instructions) == 5
     ds = ReplayDataset(tmp_path / "ds")
-    bins = ds.get_batch(np.arange(len(ds)))["action_bins"].numpy()
+    bins = ds.get_batch(np.arange(len(ds))).action_bins.numpy()
     assert (bins[:, 0] == 7).all() and (bins[:, 1:] == 0).all()
     assert ds.summary()["success_rate"] == 1.0
 

@@ -3,6 +3,7 @@ re-binning, splits, batched path, text embeddings, bad input."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 
 from q_transformer_ros.replay import DatasetError, EpisodeData, ReplayWriter
 
-from q_transformer_ros.core.replay_dataset import ReplayDataset
+from q_transformer_ros.core.replay_dataset import ReplayDataset, ReplaySample
 from q_transformer_ros.replay.testing import random_episode, tiny_contract
 from q_transformer_ros.contract import ContractError, RobotContract
 
@@ -156,19 +157,23 @@ def test_get_batch_equals_stacked_getitem(tmp_path: Path, num_cameras: int, one_
     ds = ReplayDataset(tmp_path / "ds", n_step=3)
     idx = rng.permutation(len(ds))
     batch = ds.get_batch(idx)
+    names = [f.name for f in dataclasses.fields(batch)]
+    assert set(names) == ReplaySample.__required_keys__ | ReplaySample.__optional_keys__
+    present = {k for k in names if getattr(batch, k) is not None}
     for j, i in enumerate(idx):
         s = ds[int(i)]
-        assert set(s) == set(batch)
+        assert set(s) == present
         for k, v in s.items():
-            assert batch[k][j].dtype == v.dtype, k
+            got = getattr(batch, k)[j]
+            assert got.dtype == v.dtype, k
             if v.dtype.is_floating_point:
-                torch.testing.assert_close(batch[k][j], v, rtol=1e-6, atol=1e-6)
+                torch.testing.assert_close(got, v, rtol=1e-6, atol=1e-6)
             else:
-                assert torch.equal(batch[k][j], v), (k, int(i))
+                assert torch.equal(got, v), (k, int(i))
     # a default DataLoader collates samples too; workers get a pickled copy without memory maps
     loader = torch.utils.data.DataLoader(ds, batch_size=4, shuffle=False)
     first = next(iter(loader))
-    assert torch.equal(first["frames"], ds.get_batch(np.arange(4))["frames"])
+    assert torch.equal(first["frames"], ds.get_batch(np.arange(4)).frames)
     clone = pickle.loads(pickle.dumps(ds))
     assert len(pickle.dumps(ds)) < 64 * 1024 and torch.equal(clone[5]["frames"], ds[5]["frames"])
 
@@ -181,12 +186,12 @@ def test_rebinning_with_another_contract(tmp_path: Path):
     c4 = tiny_contract(bins=4, low=-2.0, high=2.0)
     ds8, ds4 = ReplayDataset(tmp_path / "ds"), ReplayDataset(tmp_path / "ds", contract=c4)
     b8, b4 = ds8.get_batch(np.arange(len(ds8))), ds4.get_batch(np.arange(len(ds4)))
-    acts = b8["actions"].numpy()
-    assert np.array_equal(b8["action_bins"].numpy(), c8.actions_to_bins(acts))
-    assert np.array_equal(b4["action_bins"].numpy(), c4.actions_to_bins(acts))
-    assert b4["action_bins"].max() <= 3 and b8["action_bins"].max() > 3
+    acts = b8.actions.numpy()
+    assert np.array_equal(b8.action_bins.numpy(), c8.actions_to_bins(acts))
+    assert np.array_equal(b4.action_bins.numpy(), c4.actions_to_bins(acts))
+    assert b4.action_bins.max() <= 3 and b8.action_bins.max() > 3
     # [-1, 1] actions land in the middle two bins of [-2, 2] / 4
-    assert set(np.unique(b4["action_bins"].numpy())) <= {1, 2}
+    assert set(np.unique(b4.action_bins.numpy())) <= {1, 2}
 
 
 def test_splits_select_episodes(tmp_path: Path):
@@ -198,8 +203,8 @@ def test_splits_select_episodes(tmp_path: Path):
     train = ReplayDataset(tmp_path / "ds", episodes=slice(0, 4))
     val = ReplayDataset(tmp_path / "ds", episodes=[4])
     assert len(train) == 16 and len(val) == 4
-    assert set(train.get_batch(np.arange(16))["episode_index"].tolist()) == {0, 1, 2, 3}
-    assert set(val.get_batch(np.arange(4))["episode_index"].tolist()) == {4}
+    assert set(train.get_batch(np.arange(16)).episode_index.tolist()) == {0, 1, 2, 3}
+    assert set(val.get_batch(np.arange(4)).episode_index.tolist()) == {4}
     with pytest.raises(DatasetError, match="out of range"):
         ReplayDataset(tmp_path / "ds", episodes=[7])
 

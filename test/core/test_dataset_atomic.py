@@ -3,6 +3,7 @@ readable, and the next writer cleans up what was left."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import textwrap
@@ -14,6 +15,7 @@ import torch
 
 from q_transformer_ros.replay import DatasetError, ReplayWriter
 
+from q_transformer_ros.core.batch import Batch
 from q_transformer_ros.core.replay_dataset import ReplayDataset
 from q_transformer_ros.replay.testing import random_episode, tiny_contract
 
@@ -28,17 +30,18 @@ def make_base(root: Path):
     return c
 
 
-def snapshot(root: Path) -> tuple[bytes, dict[str, torch.Tensor]]:
+def snapshot(root: Path) -> tuple[bytes, Batch]:
     ds = ReplayDataset(root, n_step=2)
     return (root / "manifest.json").read_bytes(), ds.get_batch(np.arange(len(ds)))
 
 
-def assert_unchanged(root: Path, before: tuple[bytes, dict[str, torch.Tensor]]) -> None:
+def assert_unchanged(root: Path, before: tuple[bytes, Batch]) -> None:
     manifest, batch = snapshot(root)
     assert manifest == before[0]
-    assert set(batch) == set(before[1])
-    for k in batch:
-        assert torch.equal(batch[k], before[1][k]), k
+    for f in dataclasses.fields(batch):
+        now, then = getattr(batch, f.name), getattr(before[1], f.name)
+        assert (now is None) == (then is None), f.name
+        assert now is None or torch.equal(now, then), f.name
 
 
 def test_exception_inside_transaction_leaves_dataset_unchanged(tmp_path: Path):

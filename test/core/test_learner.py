@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from q_transformer_ros.core.batch import TrainingBatch
 from q_transformer_ros.core.hl_gauss import support_for
 from q_transformer_ros.core.learner import (
     LearnerConfig,
@@ -187,16 +188,17 @@ def test_bc_loss_masks_invalid_bins():
 
 # ------------------------------------------------------------------------- the learning step
 
-def _batch(states, next_states, bins, rewards, disc, mc):
-    return {
-        "frames": frames_for(states),
-        "next_frames": frames_for(next_states),
-        "action_bins": torch.tensor(bins),
-        "rewards": torch.tensor(rewards),
-        "discount_to_next": torch.tensor(disc),
-        "mc_return": torch.tensor(mc),
-        "instruction_index": torch.full((len(states),), -1),
-    }
+def _batch(states, next_states, bins, rewards, disc, mc) -> TrainingBatch:
+    return TrainingBatch(
+        frames=frames_for(states),
+        next_frames=frames_for(next_states),
+        action_bins=torch.tensor(bins),
+        rewards=torch.tensor(rewards),
+        reward_mask=torch.ones(len(rewards), len(rewards[0]), dtype=torch.bool),
+        discount_to_next=torch.tensor(disc),
+        mc_return=torch.tensor(mc),
+        instruction_index=torch.full((len(states),), -1),
+    )
 
 
 def test_learning_step_dual_critic_min_and_one_target_forward():

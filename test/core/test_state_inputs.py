@@ -109,14 +109,15 @@ def test_dataset_stores_raw_state_and_serves_normalised_windows(tmp_path) -> Non
     for i, ep in enumerate(eps):
         np.testing.assert_array_equal(ds.episode(i).state, ep.state)
     batch = ds.get_batch(np.arange(len(ds)))
-    assert batch["state"].shape == (len(ds), 3, 2) and batch["next_state"].shape == (len(ds), 3, 2)
+    assert batch.state is not None and batch.next_state is not None
+    assert batch.state.shape == (len(ds), 3, 2) and batch.next_state.shape == (len(ds), 3, 2)
     for i in range(len(ds)):
         one = ds[i]
-        torch.testing.assert_close(batch["state"][i], one["state"], rtol=0, atol=0)
-        torch.testing.assert_close(batch["next_state"][i], one["next_state"], rtol=0, atol=0)
+        torch.testing.assert_close(batch.state[i], one["state"], rtol=0, atol=0)
+        torch.testing.assert_close(batch.next_state[i], one["next_state"], rtol=0, atol=0)
     # sample 0 is step 0 of episode 0: its window repeats step 0, normalised by the contract's range
     want = c.normalize_state(eps[0].state[[0, 0, 0]])
-    np.testing.assert_allclose(batch["state"][0].numpy(), want)
+    np.testing.assert_allclose(batch.state[0].numpy(), want)
 
 
 def test_writer_refuses_missing_or_non_finite_state(tmp_path) -> None:

@@ -247,14 +247,14 @@ def test_several_datasets_merge_instruction_tables(tmp_path):
     assert data.instructions == ["open", "close", "push"] and len(data) == len(d1) + len(d2)
     idx = list(range(len(data)))[::-1]  # both datasets, out of order
     batch = data[idx]
-    texts = [None if i < 0 else data.instructions[i] for i in batch["instruction_index"].tolist()]
+    texts = [None if i < 0 else data.instructions[i] for i in batch.instruction_index.tolist()]
     want = []
     for i in idx:
         ds, j = (d1, i) if i < len(d1) else (d2, i - len(d1))
         k = int(ds[j]["instruction_index"])
         want.append(None if k < 0 else ds.instructions[k])
     assert texts == want
-    torch.testing.assert_close(batch["frames"][-1], d1[0]["frames"])
+    torch.testing.assert_close(batch.frames[-1], d1[0]["frames"])
 
 
 # ------------------------------------------------------------------------------ integrity
