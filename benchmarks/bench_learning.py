@@ -48,6 +48,7 @@ from q_transformer_ros.e2e.config import DemoConfig, default_contract_path  # no
 from q_transformer_ros.e2e.report import (  # noqa: E402
     EpisodeRecord, format_calibration, format_table, read_records, summarize, write_records, write_text_atomic,
 )
+from q_transformer_ros.sim.operators import OPERATOR_STYLES  # noqa: E402
 from q_transformer_ros.sim.tasks import MT10_TASKS  # noqa: E402
 
 EVAL_SEED_BASE = 100_000
@@ -74,10 +75,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--episodes-per-task", type=int, default=20, help="recorded episodes per task")
     p.add_argument("--noise-levels", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0],
                    help="expert noise std per episode, in turn")
-    p.add_argument("--operators", nargs="+", default=["expert"], choices=("expert", "wrong_target", "stop_short",
-                                                                            "release_early"),
+    p.add_argument("--operators", nargs="+", default=["expert"], choices=OPERATOR_STYLES,
                    help="operator style per episode, in turn (sim/operators.py: deliberate mistakes); e.g. "
-                        "expert expert wrong_target stop_short release_early")
+                        "expert expert wrong_target stop_short near_miss")
     p.add_argument("--max-episode-steps", type=int, default=120)
     p.add_argument("--train-steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=32)
@@ -160,29 +160,22 @@ def collect(args: argparse.Namespace, contract, dataset: Path) -> list[EpisodeRe
                 style = args.operators[i % len(args.operators)]
                 noise = args.noise_levels[(i // len(args.operators)) % len(args.noise_levels)]
                 instruction, obs = env.reset(seed)
-                frames = {cam: [] for cam in obs.frames}
-                states: list[np.ndarray] = []
-                actions, success = [], False
+                seen, actions, success = [], [], False
                 while True:
-                    for cam, f in obs.frames.items():
-                        frames[cam].append(f)
-                    if obs.state is not None:
-                        states.append(obs.state)
+                    seen.append(obs)
                     action = env.expert_action(noise, style)
                     actions.append(action)
                     obs, _r, terminated, truncated, info = env.step(action)
                     success = bool(info["success"])
                     if terminated or truncated:
                         break
-                keep = slice(None)
                 if args.keep_still_steps is not None:
-                    keep = keep_still_steps(still_steps(np.stack(actions), np.stack(states), contract),
+                    keep = keep_still_steps(still_steps(np.stack(actions), np.stack([o.state for o in seen]), contract),
                                             args.keep_still_steps)
-                writer.add_episode(EpisodeData(
-                    frames={c: np.stack(v)[keep] for c, v in frames.items()},
-                    actions=np.stack(actions).astype(np.float32)[keep],
+                    seen, actions = [seen[t] for t in np.flatnonzero(keep)], [actions[t] for t in np.flatnonzero(keep)]
+                writer.add_episode(EpisodeData.from_observations(
+                    seen, actions,
                     success=success, terminal=success or args.failures == "terminal", instruction=instruction,
-                    state=np.stack(states)[keep] if states else None,
                     source_id=f"bench:{task}:seed{seed}:noise{noise:g}" + ("" if style == "expert" else f":{style}")))
                 records.append(EpisodeRecord(task=task, seed=seed, success=success, steps=len(actions), noise=noise,
                                              source=style))

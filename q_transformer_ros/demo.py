@@ -24,6 +24,7 @@ import traceback
 from typing import Sequence
 
 from q_transformer_ros.e2e.config import STAGES, DemoConfig
+from q_transformer_ros.sim.operators import OPERATOR_STYLES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", nargs="+", help="Meta-World tasks (default: drawer-open-v3 button-press-topdown-v3 drawer-close-v3)")
     p.add_argument("--episodes-per-task", type=int, help="recorded episodes per task")
     p.add_argument("--noise-levels", type=float, nargs="+", help="expert noise std per episode, in turn")
-    p.add_argument("--operators", nargs="+", choices=("expert", "wrong_target", "stop_short", "release_early"),
+    p.add_argument("--operators", nargs="+", choices=OPERATOR_STYLES,
                    help="operator style per episode, in turn: the expert or a deliberate mistake (sim/operators.py)")
     p.add_argument("--keep-still-steps", type=int, metavar="K",
                    help="the converter keeps the first K steps of every stretch where the arm stands still and the "
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--domain-id", type=int, help="ROS_DOMAIN_ID for all nodes (default: 100 + pid %% 100)")
     p.add_argument("--device", help="torch device for training and the policy node (default: cpu)")
     p.add_argument("--torch-threads", type=int,
-                   help="torch threads for training (default 0: one per core not already busy, from the load average)")
+                   help="torch threads for training (default 0: one per core not busy with other processes)")
     p.add_argument("--stages", nargs="+", choices=STAGES, help="run only these stages (default: all)")
     p.add_argument("--force", nargs="*", choices=STAGES, metavar="STAGE",
                    help="redo these stages (no name: all) even if their output exists")

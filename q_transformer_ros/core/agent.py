@@ -237,17 +237,13 @@ class Agent:
         instruction, obs = self.env.reset(seed=seed)
         if self.policy is not None:
             self.policy.reset(instruction)
-        frames: dict[str, list[np.ndarray]] = {c.name: [] for c in self.contract.cameras}
-        states: list[np.ndarray] = []
+        seen: list[Observation] = []
         actions, rewards = [], []
         terminated = success = False
         explored_steps = 0
         for _ in range(self.config.max_steps):
             obs.check(self.contract, where=f"{self.env.name} seed {seed}")
-            for c in self.contract.cameras:
-                frames[c.name].append(obs.frames[c.name])
-            if obs.state is not None:
-                states.append(obs.state)
+            seen.append(obs)
             bins, explored = self.select_bins(obs)
             explored_steps += explored
             action = self.contract.bins_to_actions(bins)
@@ -260,18 +256,13 @@ class Agent:
                 break
         extra = not terminated
         if extra:
-            for c in self.contract.cameras:
-                frames[c.name].append(obs.frames[c.name])
-            if obs.state is not None:
-                states.append(obs.state)
+            seen.append(obs)
             actions.append(actions[-1])
             rewards.append(0.0)
-        ep = EpisodeData(
-            frames={k: np.stack(v) for k, v in frames.items()},
-            actions=np.stack(actions).astype(np.float32),
+        ep = EpisodeData.from_observations(
+            seen, actions,
             rewards=np.asarray(rewards, dtype=np.float32),
             success=success, terminal=terminated, instruction=instruction,
-            state=np.stack(states).astype(np.float32) if states else None,
             source_id=f"{self.env.name}:seed{seed}",
             metadata={"env": self.env.name, "seed": seed, "explored_steps": explored_steps,
                       "final_observation_step": extra},

@@ -135,8 +135,8 @@ class TrainConfig:
     progress: bool = True
     """tqdm progress bar (main process only)."""
     threads: int = 0
-    """Torch intra-op threads on CPU; 0 = automatic: one per core not already busy (the 1-minute load
-    average at start), at least 1. Why: on a 2-core machine where another process keeps a core busy,
+    """Torch intra-op threads on CPU; 0 = automatic: one per core not kept busy by other processes
+    (measured over half a second at start, ``busy_cores``), at least 1. Why: on a 2-core machine where another process keeps a core busy,
     2-thread training ran 5-10x slower than idle, while 1 thread ran 2x faster than 2 under the same load."""
     tensorboard: bool = True
     """Also write TensorBoard event files into ``out`` (``tensorboard --logdir runs/``)."""
@@ -419,10 +419,41 @@ def _cache_embeddings(ds: Any, key: str, emb: np.ndarray) -> None:
 # model, optimizer
 # ---------------------------------------------------------------------------------------------
 
+def busy_cores(window_s: float = 0.5, stat: Path = Path("/proc/stat")) -> float | None:
+    """Cores kept busy by OTHER processes right now: the machine's busy CPU time over ``window_s``
+    (``/proc/stat``) minus this process's own, in cores. None where ``/proc`` is not available.
+
+    Why not the load average: it is a one-minute moving average, so a process that ended seconds ago
+    still counts. The demo trains right after its own recording stage (sim, expert, recorder on both
+    cores); the load average then read ~1.5 on an idle machine and training got 1 thread instead of 2
+    (session 8: 530 s instead of ~300 s for the Q-Transformer's 4000 steps)."""
+    def sample() -> tuple[int, int, float]:
+        fields = [int(x) for x in stat.read_text().splitlines()[0].split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        own = os.times()
+        return sum(fields[:8]), idle, own.user + own.system
+    try:
+        total0, idle0, own0 = sample()
+        time.sleep(window_s)
+        total1, idle1, own1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    ticks = total1 - total0
+    if ticks <= 0:
+        return None
+    cpus = os.cpu_count() or 1
+    busy = (ticks - (idle1 - idle0)) / ticks * cpus  # cores busy, this process included
+    own = (own1 - own0) / window_s  # this process's cores (seconds of CPU per second)
+    return max(0.0, busy - own)
+
+
 def auto_threads(cores: int | None = None, load: float | None = None) -> int:
-    """Threads for CPU training: the cores not already kept busy by other processes (load average), >= 1."""
+    """Threads for CPU training: the cores not kept busy by other processes (``busy_cores``, else the
+    load average), at least 1."""
     cores = cores if cores is not None else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                              else os.cpu_count() or 1)
+    if load is None:
+        load = busy_cores()
     if load is None:
         try:
             load = os.getloadavg()[0]
@@ -650,7 +681,7 @@ def build_run(cfg: TrainConfig, info: DistInfo, ModelConfig: Any, QTransformerNe
     if device.type == "cpu" and not info.enabled:
         threads = cfg.threads or auto_threads()
         torch.set_num_threads(threads)
-        if info.is_main and cfg.progress:
+        if info.is_main:
             print(f"train: {threads} torch thread(s) on CPU", file=sys.stderr)
     contract, resume_from = load_resume_point(cfg)
     datasets, contract = open_datasets(cfg, contract)

@@ -56,10 +56,13 @@ class DemoConfig:
     to slam the arm at +-1 (benchmarks/README.md, "Learning, session 6":
     QT 0/30 and BC 8/30 with noise up to 2; QT 13/30 and BC 9/30 with 0 and 0.25, same tasks, episodes
     and steps)."""
-    operators: tuple[str, ...] = ("expert", "expert", "wrong_target", "stop_short")
+    operators: tuple[str, ...] = ("expert", "expert", "wrong_target", "stop_short", "near_miss")
     """Operator style per episode in turn (``sim.operators``: expert, wrong_target, stop_short,
-    release_early): the recorded data then hold systematic mistakes, not only noise. Episode i of a task
-    uses ``operators[i % len]`` with noise ``noise_levels[(i // len(operators)) % len]``."""
+    release_early, near_miss): the recorded data then hold systematic mistakes, not only noise. Episode i
+    of a task uses ``operators[i % len]`` with noise ``noise_levels[(i // len(operators)) % len]``. Why
+    near misses: the learned policy's own failures are near misses (pressing the button's housing,
+    missing a handle); without them in the data the value of those states is extrapolation, high on
+    failures (session 7: value AUROC 0.2-0.53); benchmarks/README.md, "Learning, session 8"."""
     keep_still_steps: int | None = 2
     """The converter keeps only the first this many steps of every stretch in which the arm stands still and
     the command repeats (``convert_bag --keep-still-steps``; ``replay.still_steps``); None keeps every step.
@@ -82,8 +85,10 @@ class DemoConfig:
     text_encoder_weights: str | None = None
     """Local open_clip weights for the instruction encoder; None = a small seeded random text tower
     (the instructions of a few tasks stay distinct codes; no download needed)."""
-    eval_episodes: int = 10
-    """Closed-loop episodes per task, on held-out seeds (from EVAL_SEED_OFFSET)."""
+    eval_episodes: int = 20
+    """Closed-loop episodes per task, on held-out seeds (from EVAL_SEED_OFFSET). Why 20: at 10 per task
+    (30 per arm) one run's QT-BC comparison flipped from run to run (session 6-7); 60 per arm narrows
+    each Wilson interval by about a quarter, for ~2.5 minutes more on 2 cores."""
     compare_bc: bool = True
     """Also train behaviour cloning (same data, network, steps and seed) and run it closed loop on the
     same seeds, so the table shows Q-learning next to cloning (``train_bc/``, ``eval_bc.jsonl``)."""
@@ -109,7 +114,7 @@ class DemoConfig:
     """Training seed and expert-noise seed."""
     torch_threads: int = 0
     """Torch intra-op threads for training; 0 = the trainer's automatic choice (one per core not already
-    busy, from the load average: on a 2-core machine where another process keeps one core busy, 2-thread
+    busy with other processes, measured at start: on a 2-core machine where another process keeps one core busy, 2-thread
     training runs ~10x slower than usual and 1 thread avoids that)."""
     progress: bool = True
     """tqdm progress bars."""

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -35,6 +35,9 @@ from q_transformer_ros.replay.format import (
 )
 from q_transformer_ros.replay.returns import discounted_returns
 from q_transformer_ros.contract import RobotContract
+
+if TYPE_CHECKING:
+    from q_transformer_ros.observation import Observation
 
 _NPY_HEADER_BYTES = 256
 """Fixed header size of the .npy files we stream, so the final shape can be written in place."""
@@ -83,6 +86,32 @@ class EpisodeData:
         self.rewards = np.asarray(self.rewards)
         if not isinstance(self.metadata, dict):
             raise DatasetError(f"episode {self.name}: metadata must be a dict, got {type(self.metadata).__name__}")
+
+    @classmethod
+    def from_observations(cls, observations: Sequence["Observation"], actions: np.ndarray | Sequence[np.ndarray],
+                          **fields: Any) -> "EpisodeData":
+        """An episode from the ``Observation`` seen at each step (what an environment or the control loop
+        produces) and the action taken there; ``fields``: the other fields (success, instruction, ...).
+
+        Why: collectors hold one Observation per step; stacking its cameras and state here, once, keeps
+        them from threading frames and state as separate lists (a new input declared by the contract
+        then needs no change in any collector). Steps must carry the same cameras, and state in all or
+        none."""
+        if not observations:
+            raise DatasetError("EpisodeData.from_observations: no observations")
+        def layout(o: "Observation") -> tuple[list[str], bool]:
+            return sorted(o.frames), o.state is not None
+
+        first = layout(observations[0])
+        for t, o in enumerate(observations):
+            if layout(o) != first:
+                raise DatasetError(f"EpisodeData.from_observations: step {t} has (cameras, state given) {layout(o)}, "
+                                   f"step 0 has {first}")
+        cams, has_state = first
+        frames = {c: np.stack([o.frames[c] for o in observations]) for c in cams}
+        state = np.stack([np.asarray(o.state, dtype=np.float32) for o in observations]) if has_state else None
+        return cls(frames=frames, actions=np.stack([np.asarray(a) for a in actions]).astype(np.float32), state=state,
+                   **fields)
 
     @property
     def name(self) -> str:

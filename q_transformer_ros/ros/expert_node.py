@@ -13,7 +13,7 @@ so the expert answers at the control rate, one step behind, like a teleoperator 
 
 ``noise_std`` and ``operator`` may be changed while running (``~/set_parameters``), e.g. per episode
 to record expert, noisy and failed episodes. ``operator`` makes a deliberate mistake
-(``sim.operators``: wrong_target, stop_short, release_early), drawn anew at each episode start (each
+(``sim.operators``: wrong_target, stop_short, release_early, near_miss), drawn anew at each episode start (each
 message on the task topic).
 """
 
@@ -43,7 +43,7 @@ NODE_NAME = "expert_node"
 USAGE = ('expert_node [-h] --ros-args'
          ' [-p contract:=CONTRACT.yaml]'
          ' [-p noise_std:=0.3]'
-         ' [-p operator:=expert|wrong_target|stop_short|release_early]'
+         ' [-p operator:=expert|wrong_target|stop_short|release_early|near_miss]'
          ' [-p seed:=N]'
          ' [-p task:=TASK]')
 
@@ -123,7 +123,7 @@ class ExpertNode(Node):
                                       throttle_duration_sec=2.0)
             return
         self.expert.noise_std = float(self.get_parameter("noise_std").value)
-        action = self.expert.act(obs)
+        action = self.expert.act(obs if self.operator is None else self.operator.perceive(obs))
         if self.operator is not None:
             action = self.operator.act(self.episode_step, obs[:3], action)  # obs[0:3]: hand position
         self.episode_step += 1

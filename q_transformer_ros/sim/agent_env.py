@@ -97,11 +97,13 @@ class MetaWorldEnvironment(BaseEnvironment):
         if expert is None:
             expert = self._experts[self.env.task_name] = self.env.expert(0.0, self.noise_seed)
         expert.noise_std = float(noise_std)
-        sim_action = expert.act(self.env.obs)
         if style != "expert" or self._operator is not None:
             if self._operator is None or self._operator.style != style:
                 self._operator = ScriptedOperator(style, seed=(self.noise_seed or 0) * 1_000_003 + self._episode_seed)
+            sim_action = expert.act(self._operator.perceive(self.env.obs))
             sim_action = self._operator.act(self.env.steps, self.env.ee_position, sim_action)
+        else:
+            sim_action = expert.act(self.env.obs)
         out = np.zeros(len(self.contract.action_dims), dtype=np.float32)
         out[self._order] = sim_action
         return out

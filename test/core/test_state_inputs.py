@@ -133,6 +133,25 @@ def test_writer_refuses_missing_or_non_finite_state(tmp_path) -> None:
             w.add_episode(EpisodeData(frames=ep.frames, actions=ep.actions, success=True, state=bad))
 
 
+def test_episode_from_observations_round_trips_through_the_dataset(tmp_path) -> None:
+    """Collectors hand the writer one Observation per step; the dataset serves back exactly those frames
+    and states (the same as the columns they came from)."""
+    c = tiny_contract(size=16, num_dims=2, bins=4, frame_history=2, state_dim=2)
+    ep = random_episode(c, 6, np.random.default_rng(1), success=True, source_id="cols")
+    seen = [Observation(frames={k: v[t] for k, v in ep.frames.items()}, state=ep.state[t]) for t in range(6)]
+    from_obs = EpisodeData.from_observations(seen, list(ep.actions), success=True, source_id="obs")
+    with ReplayWriter(tmp_path / "ds", c) as w:
+        w.add_episodes([ep, from_obs])
+    ds = ReplayDataset(tmp_path / "ds")
+    for k in ep.frames:
+        np.testing.assert_array_equal(ds.episode(1).frames[k], ep.frames[k])
+    np.testing.assert_array_equal(ds.episode(1).state, ep.state)
+    np.testing.assert_array_equal(ds.episode(1).actions, ep.actions)
+    no_state = Observation(frames=seen[3].frames)
+    with pytest.raises(DatasetError, match=r"step 3 has .*False\), step 0 has .*True\)"):
+        EpisodeData.from_observations(seen[:3] + [no_state], list(ep.actions[:4]), success=False)
+
+
 # -- model and policy -----------------------------------------------------------------------------
 
 def make_policy(state_dim: int = 2, seed: int = 0) -> QTransformerPolicy:

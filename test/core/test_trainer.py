@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -380,6 +381,33 @@ def test_discount_override_trains_with_its_own_returns(tmp_path):
     assert ck["contract"]["discount"] == 0.9
     with pytest.raises(TrainError, match="discount"):
         config_from_args(args(ds, tmp_path / "r2", "--set", "discount=1.5"))
+
+
+def test_busy_cores_counts_other_processes_now_not_this_one(tmp_path):
+    """Another process spinning on a core is seen within half a second; this process's own work is not
+    counted; a missing /proc gives None (auto_threads then falls back to the load average)."""
+    import subprocess
+    import sys
+
+    from q_transformer_ros.core.trainer import busy_cores
+
+    assert busy_cores(stat=tmp_path / "no_such_stat") is None
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        seen = busy_cores(0.5)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert seen is not None and seen >= 0.7, seen
+    # this process busy itself (a thread spinning while we measure) is not "other processes"
+    import threading
+    stop = time.monotonic() + 0.8
+    worker = threading.Thread(target=lambda: [None for _ in iter(lambda: time.monotonic() < stop, False)])
+    worker.start()
+    own = busy_cores(0.5)
+    worker.join()
+    assert own is not None and own < seen - 0.5, (own, seen)
 
 
 def test_auto_threads_leave_the_busy_cores_alone():

@@ -179,6 +179,28 @@ def _need_ros() -> None:
     pytest.importorskip("metaworld")
 
 
+def test_train_stage_trains_cloning_alongside_on_cpu(tmp_path: Path) -> None:
+    """With compare_bc on CPU the cloning run trains in a child process at the same time (its own log),
+    one thread each on a 2-core split; both checkpoints come out, and a rerun resumes (nothing to do)."""
+    from q_transformer_ros.contract import load_contract
+    from q_transformer_ros.e2e import stages as st
+    from q_transformer_ros.replay import ReplayWriter
+    from q_transformer_ros.replay.testing import random_episode
+
+    cfg = DemoConfig.quick(out=tmp_path / "run", compare_bc=True, train_steps=3, progress=False, torch_threads=1)
+    contract = load_contract(cfg.run_contract())
+    rng = np.random.default_rng(0)
+    with ReplayWriter(cfg.dataset_dir, contract) as w:
+        w.add_episodes([random_episode(contract, 6, rng, success=bool(i % 2), instruction="close the drawer",
+                                       source_id=f"e{i}") for i in range(3)])
+    st.train(cfg)
+    assert cfg.checkpoint.exists() and cfg.checkpoint_bc.exists()
+    log = (cfg.logs_dir / "train_bc.log").read_text()
+    assert "1 torch thread" in log, log[-2000:]
+    bc_steps = [json.loads(ln)["step"] for ln in (cfg.train_bc_dir / "metrics.jsonl").read_text().splitlines() if ln]
+    assert bc_steps[-1] == 3
+
+
 def test_record_one_episode_through_ros_and_convert(tmp_path: Path) -> None:
     _need_ros()
     from q_transformer_ros.core.replay_dataset import ReplayDataset

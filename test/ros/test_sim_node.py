@@ -242,6 +242,26 @@ def test_expert_node_drives_the_sim_to_success(system) -> None:
         spinner.stop()
 
 
+def test_expert_node_as_a_near_miss_operator_presses_beside_the_button(system) -> None:
+    """The ROS expert applies the operator's misjudged scene (``perceive``), not only its action edits:
+    the hand ends 5-10 cm beside the button and the episode fails."""
+    sim, probe = system
+    expert = ExpertNode(parameter_overrides=[Parameter("noise_std", value=0.0), Parameter("seed", value=0),
+                                             Parameter("operator", value="near_miss")])
+    spinner = Spinner(expert)
+    try:
+        probe.set_params(task="button-press-topdown-v3", seed=2, max_episode_steps=80)
+        ends_before = len(probe.ends)
+        assert probe.call(probe.reset_client, Trigger.Request()).success
+        wait_for(lambda: len(probe.ends) > ends_before, 40, "the near-miss episode to end")
+        assert probe.ends[-1] == "truncated", f"a near miss ended '{probe.ends[-1]}'"
+        assert expert.operator is not None and expert.operator.style == "near_miss"
+        beside = float(np.linalg.norm(sim.env.ee_position[:2] - sim.env.obs[4:6]))  # hand vs button, xy
+        assert 0.04 <= beside <= 0.11, f"hand {beside * 100:.1f} cm from the button"
+    finally:
+        spinner.stop()
+
+
 def test_bad_contract_is_named_in_the_error(system, tmp_path: Path) -> None:
     missing = tmp_path / "no_such_contract.yaml"
     with pytest.raises(ContractError, match="no_such_contract.yaml"):

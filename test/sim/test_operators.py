@@ -45,6 +45,30 @@ def test_release_early_opens_the_gripper_from_its_step_on() -> None:
     assert a[3] == -1.0 and np.array_equal(a[:3], EXPERT[:3])
 
 
+def test_near_miss_misjudges_the_scene_by_5_to_10_cm_sideways_and_nothing_else() -> None:
+    obs = np.arange(39, dtype=np.float64) / 10  # Meta-World's layout: objects 4:7, 11:14, the last frame's 22:25,
+    scene = [slice(4, 7), slice(11, 14), slice(22, 25), slice(29, 32), slice(36, 39)]  # 29:32, the goal 36:39
+    misses = []
+    for seed in range(20):
+        op = ScriptedOperator("near_miss", seed=seed)
+        seen = op.perceive(obs)
+        miss = seen[4:7] - obs[4:7]
+        for part in scene:  # every object, now and in the previous frame, and the goal: misjudged alike
+            np.testing.assert_allclose(seen[part] - obs[part], miss)
+        keep = np.ones(39, bool)
+        for part in scene:
+            keep[part] = False
+        np.testing.assert_array_equal(seen[keep], obs[keep])  # hand, gripper, quaternions: as they are
+        assert miss[2] == 0 and 0.05 <= np.linalg.norm(miss[:2]) <= 0.10
+        assert op.perceive(obs)[4:7].tolist() == seen[4:7].tolist()  # one miss for the whole episode
+        np.testing.assert_array_equal(op.act(3, np.zeros(3), EXPERT), EXPERT)  # acts as the expert it feeds
+        misses.append(miss[:2])
+    angles = np.arctan2(*np.array(misses).T)
+    assert angles.max() - angles.min() > np.pi  # in every direction, not one
+    for style in ("expert", "wrong_target", "stop_short", "release_early"):
+        np.testing.assert_array_equal(ScriptedOperator(style, seed=0).perceive(obs), obs)
+
+
 def test_same_seed_same_mistakes_and_new_ones_per_episode() -> None:
     a, b = ScriptedOperator("stop_short", seed=7), ScriptedOperator("stop_short", seed=7)
     assert a._mistake_step == b._mistake_step
@@ -72,7 +96,7 @@ def test_mistakes_fail_a_task_the_expert_solves() -> None:
     env = MetaWorldEnvironment(contract, ["reach-v3"], max_episode_steps=60)
     outcome = {}
     try:
-        for style in ("expert", "wrong_target", "stop_short"):
+        for style in ("expert", "wrong_target", "stop_short", "near_miss"):
             env.reset(0)
             while True:
                 _obs, _r, terminated, truncated, info = env.step(env.expert_action(0.0, style))
@@ -81,4 +105,4 @@ def test_mistakes_fail_a_task_the_expert_solves() -> None:
             outcome[style] = info["success"]
     finally:
         env.close()
-    assert outcome == {"expert": True, "wrong_target": False, "stop_short": False}
+    assert outcome == {"expert": True, "wrong_target": False, "stop_short": False, "near_miss": False}
