@@ -172,7 +172,8 @@ def collect(args: argparse.Namespace, contract, dataset: Path) -> list[EpisodeRe
                 if args.keep_still_steps is not None:
                     keep = keep_still_steps(still_steps(np.stack(actions), np.stack([o.state for o in seen]), contract),
                                             args.keep_still_steps)
-                    seen, actions = [seen[t] for t in np.flatnonzero(keep)], [actions[t] for t in np.flatnonzero(keep)]
+                    kept = np.flatnonzero(keep)
+                    seen, actions = [seen[t] for t in kept], [actions[t] for t in kept]
                 writer.add_episode(EpisodeData.from_observations(
                     seen, actions,
                     success=success, terminal=success or args.failures == "terminal", instruction=instruction,

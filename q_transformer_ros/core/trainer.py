@@ -136,8 +136,9 @@ class TrainConfig:
     """tqdm progress bar (main process only)."""
     threads: int = 0
     """Torch intra-op threads on CPU; 0 = automatic: one per core not kept busy by other processes
-    (measured over half a second at start, ``busy_cores``), at least 1. Why: on a 2-core machine where another process keeps a core busy,
-    2-thread training ran 5-10x slower than idle, while 1 thread ran 2x faster than 2 under the same load."""
+    (measured over half a second at start, ``busy_cores``), at least 1. Why: on a 2-core machine where
+    another process keeps a core busy, 2-thread training ran 5-10x slower than idle, while 1 thread ran
+    2x faster than 2 under the same load."""
     tensorboard: bool = True
     """Also write TensorBoard event files into ``out`` (``tensorboard --logdir runs/``)."""
 

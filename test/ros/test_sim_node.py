@@ -18,8 +18,9 @@ os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
 
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pytest
@@ -225,41 +226,40 @@ def test_reset_service_new_task_and_time_limit(system) -> None:
     assert not res.results[0].successful and "nope-v3" in res.results[0].reason
 
 
-def test_expert_node_drives_the_sim_to_success(system) -> None:
-    sim, probe = system
-    expert = ExpertNode(parameter_overrides=[Parameter("noise_std", value=0.1), Parameter("seed", value=0)])
+@contextmanager
+def button_press_by_expert(probe: Probe, max_episode_steps: int, **params: Any) -> Iterator[ExpertNode]:
+    """An ExpertNode (``params``: its ROS parameters) runs one button-press episode (layout seed 2) to its
+    end; yields the node, still spinning, for the caller's checks."""
+    expert = ExpertNode(parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
     spinner = Spinner(expert)
     try:
-        probe.set_params(task="button-press-topdown-v3", seed=2, max_episode_steps=150)
+        probe.set_params(task="button-press-topdown-v3", seed=2, max_episode_steps=max_episode_steps)
         ends_before = len(probe.ends)
         assert probe.call(probe.reset_client, Trigger.Request()).success
         wait_for(lambda: len(probe.ends) > ends_before, 40, "the expert's episode to end")
+        yield expert
+    finally:
+        spinner.stop()
+
+
+def test_expert_node_drives_the_sim_to_success(system) -> None:
+    sim, probe = system
+    with button_press_by_expert(probe, 150, noise_std=0.1, seed=0) as expert:
         assert probe.ends[-1] == "success", f"expert episode ended '{probe.ends[-1]}' after {sim.env.steps} steps"
         assert True in probe.success
         assert expert.expert is not None and expert.expert.task_name == "button-press-topdown-v3"
         assert expert.commands_sent >= sim.env.steps - 2
-    finally:
-        spinner.stop()
 
 
 def test_expert_node_as_a_near_miss_operator_presses_beside_the_button(system) -> None:
     """The ROS expert applies the operator's misjudged scene (``perceive``), not only its action edits:
     the hand ends 5-10 cm beside the button and the episode fails."""
     sim, probe = system
-    expert = ExpertNode(parameter_overrides=[Parameter("noise_std", value=0.0), Parameter("seed", value=0),
-                                             Parameter("operator", value="near_miss")])
-    spinner = Spinner(expert)
-    try:
-        probe.set_params(task="button-press-topdown-v3", seed=2, max_episode_steps=80)
-        ends_before = len(probe.ends)
-        assert probe.call(probe.reset_client, Trigger.Request()).success
-        wait_for(lambda: len(probe.ends) > ends_before, 40, "the near-miss episode to end")
+    with button_press_by_expert(probe, 80, noise_std=0.0, seed=0, operator="near_miss") as expert:
         assert probe.ends[-1] == "truncated", f"a near miss ended '{probe.ends[-1]}'"
         assert expert.operator is not None and expert.operator.style == "near_miss"
         beside = float(np.linalg.norm(sim.env.ee_position[:2] - sim.env.obs[4:6]))  # hand vs button, xy
         assert 0.04 <= beside <= 0.11, f"hand {beside * 100:.1f} cm from the button"
-    finally:
-        spinner.stop()
 
 
 def test_bad_contract_is_named_in_the_error(system, tmp_path: Path) -> None:
