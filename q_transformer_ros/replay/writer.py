@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator, Sequence
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -36,11 +36,16 @@ from q_transformer_ros.replay.format import (
 from q_transformer_ros.replay.returns import discounted_returns
 from q_transformer_ros.contract import RobotContract
 
-if TYPE_CHECKING:
-    from q_transformer_ros.observation import Observation
-
 _NPY_HEADER_BYTES = 256
 """Fixed header size of the .npy files we stream, so the final shape can be written in place."""
+
+
+class StepObservation(Protocol):
+    """What ``EpisodeData.from_observations`` reads of one step: ``observation.Observation`` has it.
+    A protocol, not that class, so this numpy-only layer imports nothing above the contract."""
+
+    frames: Mapping[str, np.ndarray]
+    state: np.ndarray | None
 
 
 @dataclass
@@ -88,7 +93,7 @@ class EpisodeData:
             raise DatasetError(f"episode {self.name}: metadata must be a dict, got {type(self.metadata).__name__}")
 
     @classmethod
-    def from_observations(cls, observations: Sequence["Observation"], actions: np.ndarray | Sequence[np.ndarray],
+    def from_observations(cls, observations: Sequence[StepObservation], actions: np.ndarray | Sequence[np.ndarray],
                           **fields: Any) -> "EpisodeData":
         """An episode from the ``Observation`` seen at each step (what an environment or the control loop
         produces) and the action taken there; ``fields``: the other fields (success, instruction, ...).
@@ -99,7 +104,7 @@ class EpisodeData:
         none."""
         if not observations:
             raise DatasetError("EpisodeData.from_observations: no observations")
-        def layout(o: "Observation") -> tuple[list[str], bool]:
+        def layout(o: StepObservation) -> tuple[list[str], bool]:
             return sorted(o.frames), o.state is not None
 
         first = layout(observations[0])
