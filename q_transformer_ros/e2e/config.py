@@ -255,6 +255,12 @@ class DemoConfig:
         return self.out / "eval_bc.jsonl"
 
     @property
+    def bc_domain_id(self) -> int:
+        """ROS_DOMAIN_ID of the cloning closed loop, which runs next to the Q-Transformer's: a domain of its
+        own, because each loop's sim_node is the clock (/clock) of its graph."""
+        return self.domain_id + 1 if self.domain_id < 232 else self.domain_id - 1
+
+    @property
     def logs_dir(self) -> Path:
         return self.out / "logs"
 

@@ -15,8 +15,11 @@ import math
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,6 +33,10 @@ from q_transformer_ros.e2e.report import (
 
 class StageError(RuntimeError):
     """A stage failed; the message names the stage, the file or node, and what to look at."""
+
+
+class LoopCancelled(StageError):
+    """A closed loop of the eval stage stopped because the loop beside it failed."""
 
 
 def _say(msg: str) -> None:
@@ -131,10 +138,11 @@ def _clock_params(cfg: DemoConfig) -> dict[str, Any]:
     return {"use_sim_time": True} if cfg.sim_time else {}
 
 
-def _progress(total: int, initial: int, desc: str, enabled: bool) -> Any:
+def _progress(total: int, initial: int, desc: str, enabled: bool, position: int = 0) -> Any:
     from tqdm import tqdm  # noqa: PLC0415
 
-    return tqdm(total=total, initial=initial, desc=desc, unit="ep", dynamic_ncols=True, disable=not enabled)
+    return tqdm(total=total, initial=initial, desc=desc, unit="ep", dynamic_ncols=True, disable=not enabled,
+                position=position)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,32 +346,89 @@ def _last_metrics(path: Path) -> dict[str, float]:
 
 def evaluate(cfg: DemoConfig) -> dict[str, Any]:
     """policy_node (the trained checkpoint) drives sim_node on held-out seeds, through ROS topics; with
-    ``compare_bc`` the cloning checkpoint then drives the same seeds."""
+    ``compare_bc`` the cloning checkpoint drives the same seeds at the same time, with its own sim_node
+    and policy_node in the next ROS domain (``cfg.bc_domain_id``).
+
+    Why side by side: one closed loop is bound by its latency (frame -> decision -> command -> sim step),
+    not by the CPU. Measured on the 2-core VM (session 9, tiny model, policy nodes at one torch thread):
+    one loop kept the cores ~115 % busy out of 200 %."""
     if not cfg.checkpoint.exists():
         raise StageError(f"eval: no checkpoint at {cfg.checkpoint}; run the train stage")
-    done, films = closed_loop(cfg, cfg.checkpoint, cfg.eval_log, "closed loop")
+    loops = [LoopRun("closed loop", cfg.checkpoint, cfg.eval_log, cfg.domain_id, keep_frames=True)]
+    if cfg.compare_bc and cfg.checkpoint_bc.exists():
+        loops.append(LoopRun("closed loop BC", cfg.checkpoint_bc, cfg.eval_bc_log, cfg.bc_domain_id, keep_frames=False))
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(max_workers=len(loops), thread_name_prefix="closed-loop") as pool:
+        futures = []
+        for position, run in enumerate(loops):
+            futures.append(pool.submit(_run_loop, cfg, run, position, t0, loops))
+            run.connected.wait()  # the next loop starts its nodes once this one is connected (or failed)
+        errors = [f.exception() for f in futures]
+    failed = sorted((e for e in errors if e is not None), key=lambda e: isinstance(e, LoopCancelled))
+    if failed:
+        raise failed[0]  # the failure itself, not the other loop's "stopped because ..."
+    done, films = loops[0].done, [f for f in loops[0].films if f[1]]
     gif = cfg.out / "closed_loop.gif"
-    films = [f for f in films if f[1]]
     if films:
         rec, frames = next((f for f in films if f[0].success), films[0])
         write_gif(frames, gif, rec.values, fps=cfg_rate(cfg), scale=max(1, 128 // max(1, frames[0].shape[1])))
         _say(f"eval: GIF of {rec.task} seed {rec.seed} ({'success' if rec.success else 'failure'}) -> {gif}")
     ok = sum(r.success for r in done)
     _say(f"eval: {ok}/{len(done)} closed-loop episodes successful ({cfg.eval_log})")
-    out = {"episodes": len(done), "successes": ok}
-    if cfg.compare_bc and cfg.checkpoint_bc.exists():
-        bc, _ = closed_loop(cfg, cfg.checkpoint_bc, cfg.eval_bc_log, "closed loop BC", keep_frames=False)
+    out: dict[str, Any] = {"episodes": len(done), "successes": ok,
+                           "loops": {r.label: [round(r.started_s, 2), round(r.ended_s, 2)] for r in loops}}
+    if len(loops) == 2:
+        bc = loops[1].done
         out["bc_successes"] = sum(r.success for r in bc)
         _say(f"eval: behaviour cloning {out['bc_successes']}/{len(bc)} closed-loop episodes successful ({cfg.eval_bc_log})")
     return out
 
 
-def closed_loop(cfg: DemoConfig, checkpoint: Path, log: Path, label: str,
-                keep_frames: bool = True) -> tuple[list[EpisodeRecord], list[tuple[EpisodeRecord, list[Any]]]]:
+@dataclass
+class LoopRun:
+    """One closed loop of the eval stage: what it runs, and (filled in) what came out and when."""
+
+    label: str
+    checkpoint: Path
+    log: Path
+    domain_id: int
+    keep_frames: bool
+    connected: threading.Event = field(default_factory=threading.Event)
+    """Set once the loop's nodes answer (or it failed): the next loop may start its nodes."""
+    cancel: bool = False
+    """Set when another loop failed: this one stops before its next episode."""
+    done: list[EpisodeRecord] = field(default_factory=list)
+    films: list[tuple[EpisodeRecord, list[Any]]] = field(default_factory=list)
+    started_s: float = 0.0
+    ended_s: float = 0.0
+    """Seconds since the stage began when the loop's first and last episode ran (for the report, and to
+    see that the loops overlapped)."""
+
+
+def _run_loop(cfg: DemoConfig, run: LoopRun, position: int, t0: float, all_runs: list[LoopRun]) -> None:
+    """Thread body: ``closed_loop`` for ``run``; a failing loop makes the others stop after their episode."""
+    try:
+        run.done, run.films = closed_loop(cfg, run.checkpoint, run.log, run.label, keep_frames=run.keep_frames,
+                                          domain_id=run.domain_id, bar_position=position, run=run, t0=t0)
+    except BaseException:
+        for other in all_runs:
+            other.cancel = True
+        raise
+    finally:
+        run.connected.set()
+
+
+def closed_loop(cfg: DemoConfig, checkpoint: Path, log: Path, label: str, keep_frames: bool = True,
+                domain_id: int | None = None, bar_position: int = 0, run: LoopRun | None = None,
+                t0: float | None = None) -> tuple[list[EpisodeRecord], list[tuple[EpisodeRecord, list[Any]]]]:
     """Run ``checkpoint`` in a policy_node against sim_node on every seed of the eval plan not yet in
-    ``log`` (resumable); returns all records of the plan and the frames of the episodes run now."""
+    ``log`` (resumable); returns all records of the plan and the frames of the episodes run now.
+    ``run`` (from ``evaluate``) is told when the loop is connected and when its episodes ran, and asked
+    between episodes whether another loop failed."""
     from q_transformer_ros.contract import load_contract  # noqa: PLC0415
 
+    domain = cfg.domain_id if domain_id is None else domain_id
+    t0 = time.monotonic() if t0 is None else t0
     plan = cfg.eval_plan()
     have = {(r.task, r.seed): r for r in read_records(log)}
     done = [have[k] for k in plan if k in have]
@@ -378,22 +443,27 @@ def closed_loop(cfg: DemoConfig, checkpoint: Path, log: Path, label: str,
     contract = load_contract(cfg.contract)
     logs = cfg.logs_dir
     tag = "eval" if log == cfg.eval_log else log.stem
-    with NodeGroup() as nodes, RosSession(contract, cfg.contract, cfg.domain_id, with_decisions=True) as ros:
-        nodes.start("sim_node", "q_transformer_ros.ros.sim_node", _sim_params(cfg), logs / f"{tag}_sim_node.log", cfg.domain_id)
+    with NodeGroup() as nodes, RosSession(contract, cfg.contract, domain, with_decisions=True) as ros:
+        nodes.start("sim_node", "q_transformer_ros.ros.sim_node", _sim_params(cfg), logs / f"{tag}_sim_node.log", domain)
         nodes.start("policy_node", "q_transformer_ros.ros.policy_node",
                     {"checkpoint": str(checkpoint.resolve()), "device": cfg.device, "enable_on_start": False,
                      **_clock_params(cfg)},
-                    logs / f"{tag}_policy_node.log", cfg.domain_id)
-        _say(f"eval: sim_node + policy_node ({checkpoint}) started (ROS_DOMAIN_ID={cfg.domain_id}, logs in {logs})")
+                    logs / f"{tag}_policy_node.log", domain)
+        _say(f"eval: sim_node + policy_node ({checkpoint}) started (ROS_DOMAIN_ID={domain}, logs in {logs})")
         if not ros.decisions_available:
             _say("eval: WARNING: q_transformer_ros/Decision is not built (scripts/colcon_build.sh): "
                  "no predicted values will be reported")
         _wait_services(ros, nodes, ["sim", "policy"])
         waited = ros.driver.warm_up(todo[0][0], 999, policy=True, alive=nodes.check_alive)
-        _say(f"eval: policy -> sim loop connected after {waited:.1f} s")
-        bar = _progress(len(plan), len(done), label, cfg.progress)
+        _say(f"eval: {label}: policy -> sim loop connected after {waited:.1f} s")
+        if run is not None:
+            run.started_s = time.monotonic() - t0
+            run.connected.set()
+        bar = _progress(len(plan), len(done), label, cfg.progress, position=bar_position)
         try:
             for task, seed in todo:
+                if run is not None and run.cancel:
+                    raise LoopCancelled(f"eval: {label} stopped because the other closed loop failed")
                 nodes.check_alive()
                 out = ros.driver.run_episode(task, seed, policy=True, keep_frames=keep_frames,
                                              max_steps=cfg.max_episode_steps)
@@ -408,6 +478,8 @@ def closed_loop(cfg: DemoConfig, checkpoint: Path, log: Path, label: str,
                 bar.update(1)
         finally:
             bar.close()
+            if run is not None:
+                run.ended_s = time.monotonic() - t0
     return done, films
 
 

@@ -75,6 +75,14 @@ from q_transformer_ros.ros.runner import print_help_if_asked, spin_node
 
 NODE_NAME = "policy_node"
 WARN_THROTTLE_S = 5.0
+TORCH_THREADS_DEFAULT = 1
+"""One intra-op thread, because the node never has the machine to itself: camera drivers, the robot's
+own nodes (or the sim) share its cores. Idle PyTorch OpenMP workers spin between ops, so each extra
+thread burns a core shared with those processes. Measured in the demo's closed loop on the 2-core VM
+(tiny model, sim_node + policy_node + driver, 9 episodes): the node took ~100 % of a core with PyTorch's
+default of 2 threads and ~50 % with 1, and the episodes ran a little faster (a 120-step episode 4.1 s
+instead of 4.6 s); a decision alone (nothing else running) took 7.7 ms with 2 threads and 8.8 ms with 1.
+Set 0 (PyTorch's default) or more for a large model on a CPU with cores to spare."""
 MAX_SCORE_CANDIDATES = 32
 """Instructions one ~/score_instructions call may rank (each is embedded and scored in the call)."""
 
@@ -160,6 +168,8 @@ class _PolicyCore:
         d = lambda *a, **k: declare(self, *a, **k)  # noqa: E731
         d("checkpoint", "", "Checkpoint file (the robot contract comes from it). Ignored when a policy is passed in.")
         d("device", "auto", "Torch device: 'auto' (CUDA if available, else CPU), 'cpu', 'cuda', 'cuda:1'.")
+        d("torch_threads", TORCH_THREADS_DEFAULT, "PyTorch intra-op CPU threads of this process when the node loads "
+                                                  "the checkpoint itself; 0 = PyTorch's default (one per core).")
         d("camera_topics", [], "Camera topic overrides as 'camera_name:=/topic' items; cameras not listed use "
                                "the contract's topic (relative to the node's namespace).")
         d("output_topics", [], "Command topic overrides as '/contract/topic:=/new/topic' items.")
@@ -222,6 +232,7 @@ class _PolicyCore:
                 raise ValueError(f"node '{self.get_name()}': parameter 'checkpoint' is empty; give a checkpoint file")
             from q_transformer_ros.core.policy import QTransformerPolicy  # torch import only when needed
 
+            self._set_torch_threads(int(p("torch_threads")))
             backend = p("backend")
             self.get_logger().info(f"loading checkpoint {checkpoint} on device '{p('device')}', backend '{backend}'")
             policy = QTransformerPolicy.from_checkpoint(checkpoint, device=p("device"), backend=backend,
@@ -322,6 +333,16 @@ class _PolicyCore:
             f"{self.control_rate_hz} Hz, max frame age {self.max_frame_age_s} s, stop '{c.stop_behaviour}', "
             f"{'commanding' if enabled and active else 'not commanding yet (~/enable true, or activate when managed)'}"
         )
+
+    def _set_torch_threads(self, threads: int) -> None:
+        """Intra-op threads for the model this node owns (see ``TORCH_THREADS_DEFAULT`` for why 1)."""
+        import torch  # noqa: PLC0415
+
+        if threads < 0:
+            raise ValueError(f"node '{self.get_name()}': parameter 'torch_threads' = {threads} must be >= 0")
+        if threads:
+            torch.set_num_threads(threads)
+        self.get_logger().info(f"torch: {torch.get_num_threads()} intra-op CPU thread(s) (parameter torch_threads = {threads})")
 
     def _track(self, kind: str, entity: Any) -> Any:
         self._entities.append((kind, entity))

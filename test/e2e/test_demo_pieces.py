@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -199,6 +200,58 @@ def test_train_stage_trains_cloning_alongside_on_cpu(tmp_path: Path) -> None:
     assert "1 torch thread" in log, log[-2000:]
     bc_steps = [json.loads(ln)["step"] for ln in (cfg.train_bc_dir / "metrics.jsonl").read_text().splitlines() if ln]
     assert bc_steps[-1] == 3
+
+
+def _fake_loops(monkeypatch: pytest.MonkeyPatch, bc_fails: bool) -> dict[str, int]:
+    """Replace the ROS closed loop by one that meets the other loop at a barrier, so it returns only if
+    both loops run at the same time; with ``bc_fails`` the cloning loop raises once both are running and
+    the Q-Transformer's waits for the cancellation."""
+    import threading  # noqa: PLC0415
+
+    from q_transformer_ros.e2e import stages as st  # noqa: PLC0415
+
+    both = threading.Barrier(2, timeout=20)
+    domains: dict[str, int] = {}
+
+    def fake(cfg, checkpoint, log, label, *, keep_frames, domain_id, bar_position, run, t0):  # noqa: ANN001
+        domains[label] = domain_id
+        run.connected.set()
+        both.wait()
+        if bc_fails and label.endswith("BC"):
+            raise st.StageError("eval: policy_node of BC died")
+        if bc_fails:
+            deadline = time.monotonic() + 20
+            while not run.cancel and time.monotonic() < deadline:
+                time.sleep(0.01)
+            raise st.LoopCancelled(f"eval: {label} stopped because the other closed loop failed")
+        rec = EpisodeRecord(task="drawer-close-v3", seed=EVAL_SEED_OFFSET, success=not label.endswith("BC"),
+                            steps=3, values=[0.5] * 3, source=label)
+        write_records(log, [rec])
+        return [rec], []
+
+    monkeypatch.setattr(st, "closed_loop", fake)
+    return domains
+
+
+def test_eval_runs_qt_and_bc_loops_side_by_side_in_two_domains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The eval stage runs the cloning closed loop next to the Q-Transformer's (a loop is latency-bound),
+    each in its own ROS domain; a failure of one stops the other and is the error reported."""
+    from q_transformer_ros.e2e import stages as st
+
+    cfg = DemoConfig.quick(out=tmp_path / "run", compare_bc=True, progress=False, domain_id=DOMAIN_QUICK)
+    for ckpt in (cfg.checkpoint, cfg.checkpoint_bc):
+        ckpt.parent.mkdir(parents=True)
+        ckpt.write_bytes(b"not read by the fake loop")
+    domains = _fake_loops(monkeypatch, bc_fails=False)
+    out = st.evaluate(cfg)  # the barrier would time out (BrokenBarrierError) if the loops ran one after the other
+    assert domains == {"closed loop": DOMAIN_QUICK, "closed loop BC": DOMAIN_QUICK + 1}
+    assert (out["episodes"], out["successes"], out["bc_successes"]) == (1, 1, 0)
+    assert set(out["loops"]) == {"closed loop", "closed loop BC"}
+
+    _fake_loops(monkeypatch, bc_fails=True)
+    with pytest.raises(st.StageError, match="policy_node of BC died"):
+        st.evaluate(cfg)
+    assert DemoConfig.quick(out=tmp_path / "x", domain_id=232).bc_domain_id == 231  # stays a valid domain
 
 
 def test_record_one_episode_through_ros_and_convert(tmp_path: Path) -> None:

@@ -259,8 +259,12 @@ class Harness:
 
 @pytest.fixture(scope="module", autouse=True)
 def ros_context():
+    import torch  # noqa: PLC0415
+
+    threads = torch.get_num_threads()  # nodes that load a checkpoint set the process's torch threads
     with ros_domain(DOMAIN_ID):
         yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -518,6 +522,21 @@ def test_node_loads_checkpoint_parameter(tmp_path) -> None:
     ckpt.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=f"{ckpt}: corrupt"):
         PolicyNode(parameter_overrides=[Parameter("checkpoint", value=str(ckpt)), Parameter("device", value="cpu")])
+
+
+def test_node_that_loads_its_model_sets_its_torch_threads(tmp_path) -> None:
+    """``torch_threads`` (default 1: idle OpenMP workers would spin on cores the robot's other nodes need)
+    is applied when the node loads the checkpoint itself; a negative count is refused by name."""
+    import torch  # noqa: PLC0415
+
+    ckpt = make_tiny_checkpoint(ee_contract(), tmp_path / "model.pt")
+    torch.set_num_threads(2)
+    node = PolicyNode(parameter_overrides=[Parameter("checkpoint", value=str(ckpt)), Parameter("device", value="cpu"),
+                                           Parameter("warmup", value=False)])
+    node.destroy_node()
+    assert torch.get_num_threads() == 1
+    with pytest.raises(ValueError, match="torch_threads.*-1"):
+        PolicyNode(parameter_overrides=[Parameter("checkpoint", value=str(ckpt)), Parameter("torch_threads", value=-1)])
 
 
 def test_node_runs_the_onnxruntime_backend(tmp_path) -> None:
