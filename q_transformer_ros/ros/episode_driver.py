@@ -93,6 +93,7 @@ class EpisodeDriver(Node):
         if contract.success.topic:
             self.create_subscription(Bool, contract.success.topic, self._on_success, RECORD_RELIABLE_QOS)
         self.create_subscription(String, f"{SIM}/episode_end", self._on_end, RECORD_RELIABLE_QOS)
+        self.create_subscription(String, f"{SIM}/task", self._on_task, INSTRUCTION_QOS)
         if decision_cls is not None:
             self.create_subscription(decision_cls, f"{POLICY}/decision", self._on_decision, RECORD_RELIABLE_QOS)
         cam = contract.cameras[0]
@@ -116,6 +117,12 @@ class EpisodeDriver(Node):
         self._reset_sent_ns = 0
         """System time the current episode's reset was requested: step messages sent earlier are the last
         episode's."""
+        self._episode_start_ns = 0
+        """Send time of the sim's ``~/task`` message of this episode's reset (0 until it arrived here): the
+        sim publishes it inside the reset, after every step of the last episode and before any of this one."""
+        self._pending: list[tuple[int, bool]] = []
+        """Step messages (send time, success) that came before the reset's ``~/task``: counted once it says
+        which episode sent them."""
         self._record = False
         self._keep_frames = False
         self._end_reason = ""
@@ -140,11 +147,37 @@ class EpisodeDriver(Node):
         with self._lock:
             if self._published_before_reset(info):
                 return  # a step of the previous episode, still queued here (a sim on sim time runs ahead)
-            if self._phase in ("await_start", "running", "stopping"):
-                self._steps += 1
-                self._last_step_time = time.monotonic()
-            if msg.data:
-                self._saw_success = True
+            sent = info.get("source_timestamp") or 0
+            if sent and not self._episode_start_ns:
+                # Sent after the reset was requested but maybe before the sim handled it: a sim on sim time
+                # keeps stepping the last episode meanwhile (this counted 41-42 steps for 40 in the tests).
+                self._pending.append((sent, bool(msg.data)))
+                return
+            if sent and sent < self._episode_start_ns:
+                return
+            self._count_step(bool(msg.data), known_episode=bool(sent))
+
+    def _count_step(self, success: bool, known_episode: bool = True) -> None:
+        """A step of this episode. ``known_episode``: its send time placed it after this episode's reset (else,
+        without send times, only what arrives once the reset has been answered counts)."""
+        phases = ("idle", "await_start", "running", "stopping") if known_episode else ("await_start", "running", "stopping")
+        if self._phase in phases and self._reset_sent_ns:
+            self._steps += 1
+            self._last_step_time = time.monotonic()
+        if success:
+            self._saw_success = True
+
+    def _on_task(self, msg: String, info: Any) -> None:
+        """The sim's reset of this episode: from its send time on, step messages are this episode's."""
+        with self._lock:
+            sent = info.get("source_timestamp") or 0
+            if not sent or self._published_before_reset(info) or self._episode_start_ns:
+                return
+            self._episode_start_ns = sent
+            pending, self._pending = self._pending, []
+            for step_sent, success in pending:
+                if step_sent >= sent:
+                    self._count_step(success)
 
     def _on_observation(self, msg: Float64MultiArray) -> None:
         if len(msg.data) >= 3:
@@ -177,6 +210,9 @@ class EpisodeDriver(Node):
     def _on_end(self, msg: String, info: Any) -> None:
         with self._lock:
             if self._published_before_reset(info):
+                return
+            sent = info.get("source_timestamp") or 0
+            if sent and sent < self._episode_start_ns:
                 return
             if self._phase not in ("await_start", "running") or self._steps == 0:
                 return
@@ -279,12 +315,7 @@ class EpisodeDriver(Node):
         if policy:
             self.enable_policy(False)
         self.set_parameters("sim", {"task": task, "seed": int(seed), "max_episode_steps": int(max_steps)})
-        with self._lock:
-            self._phase, self._record, self._keep_frames = "idle", record, keep_frames
-            self._end_reason, self._saw_success, self._error, self._bag = "", False, None, None
-            self._values, self._frames, self._steps, self._max_steps = [], [], 0, int(max_steps)
-            self._done.clear()
-            self._reset_sent_ns = time.time_ns()
+        self._begin_episode(record, keep_frames, max_steps)
         if record:
             assert self.recorder is not None
             self.recorder.arm_episode()  # the bag starts with the reset's instruction, before its first frame
@@ -299,10 +330,7 @@ class EpisodeDriver(Node):
             if self.recorder is not None:
                 self.recorder.armed = False
             raise DriverError(f"{self._reset.srv_name}: {response.message}")
-        with self._lock:
-            # Only now: an episode_end of the previous episode is published before the sim answers the
-            # reset; one still in flight is ignored because no step of this episode has been seen yet.
-            self._phase = "await_start"
+        self._reset_answered()
         if policy:
             self.enable_policy(True)
         if not self._done.wait(timeout_s):
@@ -318,6 +346,21 @@ class EpisodeDriver(Node):
                                   success=self._end_reason == "success", duration_s=time.monotonic() - start,
                                   steps=self._steps, bag=self._bag, values=list(self._values),
                                   frames=list(self._frames))
+
+    def _begin_episode(self, record: bool, keep_frames: bool, max_steps: int) -> None:
+        """Fresh per-episode state, just before the reset is requested (its system time is the first boundary)."""
+        with self._lock:
+            self._phase, self._record, self._keep_frames = "idle", record, keep_frames
+            self._end_reason, self._saw_success, self._error, self._bag = "", False, None, None
+            self._values, self._frames, self._steps, self._max_steps = [], [], 0, int(max_steps)
+            self._done.clear()
+            self._reset_sent_ns, self._episode_start_ns, self._pending = time.time_ns(), 0, []
+
+    def _reset_answered(self) -> None:
+        with self._lock:
+            # Only now: an episode_end of the previous episode is published before the sim answers the
+            # reset; one still in flight is ignored because no step of this episode has been seen yet.
+            self._phase = "await_start"
 
     def warm_up(self, task: str, seed: int, *, policy: bool = False, timeout_s: float = 120.0,
                 alive: Any = None) -> float:

@@ -116,3 +116,34 @@ def test_sim_time_episode_is_fast_and_pairs_every_frame_with_its_answer(tmp_path
                        f"stored {[stored[i].round(3).tolist() for i in wrong]}, sim {[log_action[j - 1:j + 2].round(3).tolist() for _, j in pairs if _ in wrong]}, n={len(hand)} log={len(step_log)})")
     distinct = np.mean(np.any(np.abs(np.diff(stored, axis=0)) > 1e-6, axis=1))
     assert distinct > 0.8, "consecutive commands are equal: a shifted pairing would go unnoticed"
+
+
+def test_driver_counts_only_steps_sent_after_the_sims_reset(tmp_path: Path) -> None:
+    """A sim on sim time keeps stepping the last episode until it handles the reset; those step messages
+    are sent after the reset was requested and may be taken here after the reset was answered. The sim's
+    ``~/task`` message (sent inside its reset) is the boundary, whichever order the messages arrive in.
+    (Without it, the episode test above counted 41-42 steps for 40 now and then on a loaded machine.)"""
+    import rclpy  # noqa: PLC0415
+    from rclpy.context import Context  # noqa: PLC0415
+    from std_msgs.msg import Bool, String  # noqa: PLC0415
+
+    from q_transformer_ros.ros.episode_driver import EpisodeDriver  # noqa: PLC0415
+
+    context = Context()
+    rclpy.init(context=context, domain_id=DOMAIN_ID)
+    driver = EpisodeDriver(load_contract(small_contract(tmp_path)), context=context)
+    try:
+        driver._begin_episode(record=False, keep_frames=False, max_steps=40)
+        t0 = driver._reset_sent_ns
+        at = lambda ms: {"source_timestamp": t0 + int(ms * 1e6)}  # noqa: E731
+        driver._on_success(Bool(data=False), at(-5))  # the last episode, sent before the reset request
+        driver._reset_answered()
+        driver._on_success(Bool(data=False), at(1))  # the last episode, sent while the reset was on its way
+        driver._on_success(Bool(data=False), at(3))  # this episode's first step, taken before the task message
+        driver._on_task(String(data=TASK), at(2))  # the sim's reset
+        driver._on_success(Bool(data=True), at(4))
+        driver._on_success(Bool(data=False), at(1.5))  # a late one of the last episode
+        assert driver._steps == 2 and driver._saw_success
+    finally:
+        driver.destroy_node()
+        rclpy.try_shutdown(context=context)
