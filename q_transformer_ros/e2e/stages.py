@@ -408,8 +408,7 @@ class LoopRun:
 def _run_loop(cfg: DemoConfig, run: LoopRun, position: int, t0: float, all_runs: list[LoopRun]) -> None:
     """Thread body: ``closed_loop`` for ``run``; a failing loop makes the others stop after their episode."""
     try:
-        run.done, run.films = closed_loop(cfg, run.checkpoint, run.log, run.label, keep_frames=run.keep_frames,
-                                          domain_id=run.domain_id, bar_position=position, run=run, t0=t0)
+        closed_loop(cfg, run, position, t0)
     except BaseException:
         for other in all_runs:
             other.cancel = True
@@ -418,26 +417,23 @@ def _run_loop(cfg: DemoConfig, run: LoopRun, position: int, t0: float, all_runs:
         run.connected.set()
 
 
-def closed_loop(cfg: DemoConfig, checkpoint: Path, log: Path, label: str, keep_frames: bool = True,
-                domain_id: int | None = None, bar_position: int = 0, run: LoopRun | None = None,
-                t0: float | None = None) -> tuple[list[EpisodeRecord], list[tuple[EpisodeRecord, list[Any]]]]:
-    """Run ``checkpoint`` in a policy_node against sim_node on every seed of the eval plan not yet in
-    ``log`` (resumable); returns all records of the plan and the frames of the episodes run now.
-    ``run`` (from ``evaluate``) is told when the loop is connected and when its episodes ran, and asked
-    between episodes whether another loop failed."""
+def closed_loop(cfg: DemoConfig, run: LoopRun, bar_position: int, t0: float) -> None:
+    """Run ``run.checkpoint`` in a policy_node against sim_node (ROS domain ``run.domain_id``) on every seed
+    of the eval plan not yet in ``run.log`` (resumable). Fills in ``run``: all records of the plan, the
+    frames of the episodes run now, when the loop connected and ended; stops before an episode once
+    ``run.cancel`` is set (another loop failed)."""
     from q_transformer_ros.contract import load_contract  # noqa: PLC0415
 
-    domain = cfg.domain_id if domain_id is None else domain_id
-    t0 = time.monotonic() if t0 is None else t0
+    checkpoint, log, label, keep_frames, domain = run.checkpoint, run.log, run.label, run.keep_frames, run.domain_id
     plan = cfg.eval_plan()
     have = {(r.task, r.seed): r for r in read_records(log)}
     done = [have[k] for k in plan if k in have]
     todo = [k for k in plan if k not in have]
     if done:
         _say(f"eval: {len(done)} of {len(plan)} {label} episodes already done, {len(todo)} to go")
-    films: list[tuple[EpisodeRecord, list[Any]]] = []
+    run.done, run.films = done, []
     if not todo:
-        return done, films
+        return
     from q_transformer_ros.ros.episode_driver import RosSession  # noqa: PLC0415
 
     contract = load_contract(cfg.contract)
@@ -456,13 +452,12 @@ def closed_loop(cfg: DemoConfig, checkpoint: Path, log: Path, label: str, keep_f
         _wait_services(ros, nodes, ["sim", "policy"])
         waited = ros.driver.warm_up(todo[0][0], 999, policy=True, alive=nodes.check_alive)
         _say(f"eval: {label}: policy -> sim loop connected after {waited:.1f} s")
-        if run is not None:
-            run.started_s = time.monotonic() - t0
-            run.connected.set()
+        run.started_s = time.monotonic() - t0
+        run.connected.set()
         bar = _progress(len(plan), len(done), label, cfg.progress, position=bar_position)
         try:
             for task, seed in todo:
-                if run is not None and run.cancel:
+                if run.cancel:
                     raise LoopCancelled(f"eval: {label} stopped because the other closed loop failed")
                 nodes.check_alive()
                 out = ros.driver.run_episode(task, seed, policy=True, keep_frames=keep_frames,
@@ -472,15 +467,13 @@ def closed_loop(cfg: DemoConfig, checkpoint: Path, log: Path, label: str, keep_f
                 done.append(rec)
                 done.sort(key=lambda r: plan.index((r.task, r.seed)))
                 write_records(log, done)
-                films.append((rec, out.frames))
+                run.films.append((rec, out.frames))
                 bar.set_postfix(task=task, last=out.end_reason, value=f"{rec.mean_value:.3f}",
                                 success=f"{sum(r.success for r in done)}/{len(done)}")
                 bar.update(1)
         finally:
             bar.close()
-            if run is not None:
-                run.ended_s = time.monotonic() - t0
-    return done, films
+            run.ended_s = time.monotonic() - t0
 
 
 def cfg_rate(cfg: DemoConfig) -> float:

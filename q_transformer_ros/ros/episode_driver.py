@@ -153,8 +153,6 @@ class EpisodeDriver(Node):
                 # keeps stepping the last episode meanwhile (this counted 41-42 steps for 40 in the tests).
                 self._pending.append((sent, bool(msg.data)))
                 return
-            if sent and sent < self._episode_start_ns:
-                return
             self._count_step(bool(msg.data), known_episode=bool(sent))
 
     def _count_step(self, success: bool, known_episode: bool = True) -> None:
@@ -171,7 +169,7 @@ class EpisodeDriver(Node):
         """The sim's reset of this episode: from its send time on, step messages are this episode's."""
         with self._lock:
             sent = info.get("source_timestamp") or 0
-            if not sent or self._published_before_reset(info) or self._episode_start_ns:
+            if not sent or self._episode_start_ns or self._published_before_reset(info):
                 return
             self._episode_start_ns = sent
             pending, self._pending = self._pending, []
@@ -203,16 +201,14 @@ class EpisodeDriver(Node):
             self._frames.append(frame)
 
     def _published_before_reset(self, info: Any) -> bool:
-        """Sent (middleware source stamp, system clock) before this episode's reset was requested."""
+        """Sent (middleware source stamp, system clock) before this episode began: before the sim's reset
+        once its ``~/task`` arrived here, before the reset was requested until then."""
         sent = info.get("source_timestamp") or 0
-        return bool(sent) and sent < self._reset_sent_ns
+        return bool(sent) and sent < (self._episode_start_ns or self._reset_sent_ns)
 
     def _on_end(self, msg: String, info: Any) -> None:
         with self._lock:
             if self._published_before_reset(info):
-                return
-            sent = info.get("source_timestamp") or 0
-            if sent and sent < self._episode_start_ns:
                 return
             if self._phase not in ("await_start", "running") or self._steps == 0:
                 return

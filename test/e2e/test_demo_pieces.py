@@ -213,8 +213,9 @@ def _fake_loops(monkeypatch: pytest.MonkeyPatch, bc_fails: bool) -> dict[str, in
     both = threading.Barrier(2, timeout=20)
     domains: dict[str, int] = {}
 
-    def fake(cfg, checkpoint, log, label, *, keep_frames, domain_id, bar_position, run, t0):  # noqa: ANN001
-        domains[label] = domain_id
+    def fake(cfg, run, bar_position, t0):  # noqa: ANN001
+        label = run.label
+        domains[label] = run.domain_id
         run.connected.set()
         both.wait()
         if bc_fails and label.endswith("BC"):
@@ -226,8 +227,8 @@ def _fake_loops(monkeypatch: pytest.MonkeyPatch, bc_fails: bool) -> dict[str, in
             raise st.LoopCancelled(f"eval: {label} stopped because the other closed loop failed")
         rec = EpisodeRecord(task="drawer-close-v3", seed=EVAL_SEED_OFFSET, success=not label.endswith("BC"),
                             steps=3, values=[0.5] * 3, source=label)
-        write_records(log, [rec])
-        return [rec], []
+        write_records(run.log, [rec])
+        run.done = [rec]
 
     monkeypatch.setattr(st, "closed_loop", fake)
     return domains
