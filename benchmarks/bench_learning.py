@@ -90,6 +90,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="an extra Q-Transformer variant: its trainer flags, e.g. --variant 'lr3=--set lr=1e-3' "
                         "(shown as QT-NAME; cached under that name, so give a changed definition a new name)")
     p.add_argument("--no-bc", action="store_true", help="train and evaluate the Q-Transformer variants only")
+    p.add_argument("--beam-width", type=int, default=1,
+                   help="the Q-Transformer variants' action decoding in the closed loop: 1 = greedy, k > 1 = beam "
+                        "search (policy_node's beam_width; the demo's default is 8); BC always decodes greedily. "
+                        "Trained models are reused: only the evaluation reruns")
     p.add_argument("--augment-shift-px", type=int, default=0,
                    help="DrQ random-shift augmentation in training, pixels (0 = off), for every variant")
     p.add_argument("--failures", choices=("terminal", "truncated"), default="terminal",
@@ -222,7 +226,8 @@ def evaluate(args: argparse.Namespace, name: str, ckpt: Path, contract, out: Pat
     from q_transformer_ros.core.policy import QTransformerPolicy
     from q_transformer_ros.sim.agent_env import MetaWorldEnvironment
 
-    log = out / "eval.jsonl"
+    beam = args.beam_width if name.startswith("QT") else 1  # cloning's outputs are logits, not values
+    log = out / ("eval.jsonl" if beam == 1 else f"eval_beam{beam}.jsonl")
     if log.exists():
         recs = read_records(log)
         if len(recs) == len(args.tasks) * args.eval_episodes:
@@ -242,7 +247,7 @@ def evaluate(args: argparse.Namespace, name: str, ckpt: Path, contract, out: Pat
                 values, success, steps = [], False, 0
                 while True:
                     policy.push(obs)
-                    d = policy.decide()
+                    d = policy.decide(beam_width=beam)
                     values.append(round(float(d.value), 5))
                     obs, _r, terminated, truncated, info = env.step(np.asarray(d.action, dtype=np.float32))
                     steps += 1
@@ -262,6 +267,8 @@ def evaluate(args: argparse.Namespace, name: str, ckpt: Path, contract, out: Pat
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.beam_width < 1:
+        raise SystemExit(f"bench_learning: --beam-width {args.beam_width}: must be >= 1 (1 = greedy)")
     from q_transformer_ros.contract import load_contract
 
     for spec in args.variant:
@@ -278,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         contract_path = DemoConfig(out=out, contract=contract_path, image_size=args.image_size).run_contract()
     contract = load_contract(contract_path)
     key = json.dumps({k: v for k, v in vars(args).items()
-                      if k not in ("force", "eval_episodes", "ablations", "variant", "out", "no_bc")
+                      if k not in ("force", "eval_episodes", "ablations", "variant", "out", "no_bc", "beam_width")
                       and not (k == "operators" and v == ["expert"])})
     if (out / "run_key.json").exists() and (out / "run_key.json").read_text() != key:
         for variant in VARIANTS:  # other knobs: models and evaluations are stale (the data cache checks itself)
@@ -306,7 +313,8 @@ def main(argv: Sequence[str] | None = None) -> int:
              for n in names if n != "BC"}
     header = (f"bench_learning: {len(args.tasks)} tasks, {args.episodes_per_task} episodes/task (noise "
               f"{', '.join(f'{x:g}' for x in args.noise_levels)}), {args.train_steps} steps x batch {args.batch_size} "
-              f"({args.model_preset}), {args.eval_episodes} held-out closed-loop episodes/task, device {args.device}")
+              f"({args.model_preset}), {args.eval_episodes} held-out closed-loop episodes/task, device {args.device}"
+              + (f", QT decoded with beam width {args.beam_width} (BC greedy)" if args.beam_width > 1 else ""))
     text = [header, "", table, ""]
     text.append("V|success / V|failure: the Q-Transformer's mean predicted value (episode mean) on closed-loop "
                 "successes / failures; BC's 'value' is an action probability, not a success estimate.")

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of the Q-Transformer's conservative term (default 1, the paper's)")
     p.add_argument("--text-encoder-weights", help="local open_clip weights file for the instruction encoder")
     p.add_argument("--eval-episodes", type=int, help="closed-loop episodes per task (held-out seeds)")
+    p.add_argument("--beam-width", type=int,
+                   help="the Q-Transformer's action decoding in the closed loop: 1 = greedy, k > 1 = beam search "
+                        "(default 8; cloning always decodes greedily)")
     p.add_argument("--no-bc", action="store_true", help="do not train and run the behaviour-cloning baseline")
     p.add_argument("--contract", help="robot contract YAML (default: config/contract_ee_arm.yaml)")
     p.add_argument("--image-size", type=int, help="camera size for the run (default 32; 0 = the contract's own)")
@@ -76,7 +79,8 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
         "train_steps": args.train_steps, "batch_size": args.batch_size, "model_preset": args.model_preset,
         "objective": args.objective, "text_encoder_weights": args.text_encoder_weights,
         "conservative_weight": args.conservative_weight,
-        "eval_episodes": args.eval_episodes, "contract": args.contract, "domain_id": args.domain_id,
+        "eval_episodes": args.eval_episodes, "beam_width": args.beam_width, "contract": args.contract,
+        "domain_id": args.domain_id,
         "device": args.device, "extra_train_args": args.train_arg or None, "torch_threads": args.torch_threads,
     }
     given = {k: v for k, v in fields.items() if v is not None}

@@ -88,6 +88,12 @@ class LoopConfig:
     use_streaming: bool = True
     """True: encode each frame once and decide from cached tokens; False: full recomputation each step."""
     max_instruction_chars: int = MAX_INSTRUCTION_CHARS
+    beam_width: int = 1
+    """Action decoding: 1 = greedy, each dim's bin maximises its own Q given the dims before it (the
+    Q-Transformer's decoding); k > 1 = beam search that keeps the k best partial actions and returns the
+    one whose last-dim Q (the value of the whole action) is highest. Why offer it: a learned Q is not
+    exactly consistent across dims (dim i's Q is only trained towards the max of dim i+1's), and greedy
+    decoding follows each dim's error; benchmarks/README.md, "Learning, session 10"."""
 
     def __post_init__(self) -> None:
         if not (self.control_rate_hz > 0 and math.isfinite(self.control_rate_hz)):
@@ -96,6 +102,8 @@ class LoopConfig:
             raise ValueError(f"max_frame_age_s = {self.max_frame_age_s}: must be a finite number > 0")
         if self.max_instruction_chars < 1:
             raise ValueError(f"max_instruction_chars = {self.max_instruction_chars}: must be >= 1")
+        if not isinstance(self.beam_width, int) or isinstance(self.beam_width, bool) or self.beam_width < 1:
+            raise ValueError(f"beam_width = {self.beam_width!r}: must be an integer >= 1 (1 = greedy decoding)")
 
     @property
     def period_ns(self) -> int:
@@ -467,9 +475,11 @@ class ControlLoop:
             self.policy.push(obs)
         else:  # contracts without state: the frames-only shortcut every policy has
             self.policy.push_frames(dict(obs.frames))
+        # beam width passed only when asked for: any object with the policy interface decides greedily
+        beam = {"beam_width": self.config.beam_width} if self.config.beam_width > 1 else {}
         if self.config.use_streaming or not hasattr(self.policy, "decide_full"):
-            return self.policy.decide()
-        return self.policy.decide_full()
+            return self.policy.decide(**beam)
+        return self.policy.decide_full(**beam)
 
     def _restart(self, instruction: str | None, why: str) -> None:
         self.policy.reset(instruction)

@@ -89,6 +89,13 @@ class DemoConfig:
     """Closed-loop episodes per task, on held-out seeds (from EVAL_SEED_OFFSET). Why 20: at 10 per task
     (30 per arm) one run's QT-BC comparison flipped from run to run (session 6-7); 60 per arm narrows
     each Wilson interval by about a quarter, for ~2.5 minutes more on 2 cores."""
+    beam_width: int = 8
+    """The Q-Transformer's action decoding in the closed loop (``policy_node`` ``beam_width``): 1 = greedy per
+    dim, k > 1 = beam search, the action with the highest last-dim Q wins. Why 8: five QT checkpoints
+    trained on the demo's data, rolled out on its 60 held-out layouts, succeeded in 19-31 (mean 25.2) of 60
+    greedily, 28-33 at width 4 and 31-34 at width 8 (the data: 27), most of the gain on drawer-close; a
+    decision costs ~3.3 ms instead of ~2.3 ms on one core (benchmarks/README.md, "Learning, session 10").
+    The cloning baseline always decodes greedily (its outputs are a categorical's logits, not values)."""
     compare_bc: bool = True
     """Also train behaviour cloning (same data, network, steps and seed) and run it closed loop on the
     same seeds, so the table shows Q-learning next to cloning (``train_bc/``, ``eval_bc.jsonl``)."""
@@ -141,7 +148,7 @@ class DemoConfig:
         if not isinstance(self.torch_threads, int) or self.torch_threads < 0:
             raise ValueError(f"DemoConfig.torch_threads = {self.torch_threads!r}: must be an integer >= 0")
         for key in ("episodes_per_task", "max_episode_steps", "train_steps", "batch_size", "eval_episodes",
-                    "convert_workers"):
+                    "convert_workers", "beam_width"):
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"DemoConfig.{key} = {v!r}: must be an integer >= 1")

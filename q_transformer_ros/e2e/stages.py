@@ -89,8 +89,11 @@ def stage_key(cfg: DemoConfig, stage: str) -> dict[str, Any]:
                 "seed": cfg.seed, "extra": list(cfg.extra_train_args), "device": cfg.device, "bc": cfg.compare_bc,
                 "conservative_weight": cfg.conservative_weight}
     if stage == "eval":
-        return {"train": upstream_id(cfg, "train"), "episodes": cfg.eval_episodes, "tasks": list(cfg.tasks),
-                "max_episode_steps": cfg.max_episode_steps}
+        key = {"train": upstream_id(cfg, "train"), "episodes": cfg.eval_episodes, "tasks": list(cfg.tasks),
+               "max_episode_steps": cfg.max_episode_steps}
+        if cfg.beam_width != 1:
+            key["beam_width"] = cfg.beam_width
+        return key
     return {}
 
 
@@ -354,7 +357,8 @@ def evaluate(cfg: DemoConfig) -> dict[str, Any]:
     one loop kept the cores ~115 % busy out of 200 %."""
     if not cfg.checkpoint.exists():
         raise StageError(f"eval: no checkpoint at {cfg.checkpoint}; run the train stage")
-    loops = [LoopRun("closed loop", cfg.checkpoint, cfg.eval_log, cfg.domain_id, keep_frames=True)]
+    qt_beam = cfg.beam_width if cfg.objective == "q_learning" else 1  # cloning decodes greedily
+    loops = [LoopRun("closed loop", cfg.checkpoint, cfg.eval_log, cfg.domain_id, keep_frames=True, beam_width=qt_beam)]
     if cfg.compare_bc and cfg.checkpoint_bc.exists():
         loops.append(LoopRun("closed loop BC", cfg.checkpoint_bc, cfg.eval_bc_log, cfg.bc_domain_id, keep_frames=False))
     t0 = time.monotonic()
@@ -393,6 +397,8 @@ class LoopRun:
     log: Path
     domain_id: int
     keep_frames: bool
+    beam_width: int = 1
+    """The policy node's ``beam_width`` (1 = greedy)."""
     connected: threading.Event = field(default_factory=threading.Event)
     """Set once the loop's nodes answer (or it failed): the next loop may start its nodes."""
     cancel: bool = False
@@ -443,9 +449,10 @@ def closed_loop(cfg: DemoConfig, run: LoopRun, bar_position: int, t0: float) -> 
         nodes.start("sim_node", "q_transformer_ros.ros.sim_node", _sim_params(cfg), logs / f"{tag}_sim_node.log", domain)
         nodes.start("policy_node", "q_transformer_ros.ros.policy_node",
                     {"checkpoint": str(checkpoint.resolve()), "device": cfg.device, "enable_on_start": False,
-                     **_clock_params(cfg)},
+                     "beam_width": run.beam_width, **_clock_params(cfg)},
                     logs / f"{tag}_policy_node.log", domain)
-        _say(f"eval: sim_node + policy_node ({checkpoint}) started (ROS_DOMAIN_ID={domain}, logs in {logs})")
+        decoding = "greedy" if run.beam_width == 1 else f"beam width {run.beam_width}"
+        _say(f"eval: sim_node + policy_node ({checkpoint}, {decoding}) started (ROS_DOMAIN_ID={domain}, logs in {logs})")
         if not ros.decisions_available:
             _say("eval: WARNING: q_transformer_ros/Decision is not built (scripts/colcon_build.sh): "
                  "no predicted values will be reported")
@@ -508,7 +515,10 @@ def report(cfg: DemoConfig) -> dict[str, Any]:
              f"{', '.join(f'{x:g}' for x in cfg.noise_levels)}; operators {', '.join(cfg.operators)}), "
              f"{cfg.train_steps} training steps ({cfg.model_preset}), "
              f"{cfg.eval_episodes} closed-loop episodes per task on held-out seeds"
-             + ("; BC: behaviour cloning, same data, network, steps and seeds." if "BC" in policies else "."), "",
+             + (f", QT decoded with beam width {cfg.beam_width}" if cfg.beam_width > 1 and cfg.objective == "q_learning"
+                else "")
+             + ("; BC: behaviour cloning, same data, network, steps and seeds, greedy decoding." if "BC" in policies
+                else "."), "",
              "```", table, "```", "", "Calibration of the closed-loop predicted value (episode mean):", "",
              "```", calib, "```", "", "Stage wall times (s): " +
              ", ".join(f"{s} {t:.0f}" for s, t in timings.items() if isinstance(t, (int, float))), "", "Files:", ""]

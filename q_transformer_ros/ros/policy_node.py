@@ -43,6 +43,7 @@ are good again; the history is cleared then, because the model was never trained
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import signal
@@ -191,6 +192,9 @@ class _PolicyCore:
         d("onnx_providers", ["CPUExecutionProvider"], "onnxruntime execution providers in order of preference, "
                                                        "e.g. ['TensorrtExecutionProvider', 'CUDAExecutionProvider', "
                                                        "'CPUExecutionProvider'] (backend 'onnxruntime').")
+        d("beam_width", 1, "Action decoding: 1 = greedy per dim (the Q-Transformer's); k > 1 = beam search keeping the "
+                           "k best partial actions, the action with the highest last-dim Q wins (slower decisions: "
+                           "the eager decoder runs k candidates per dim).")
         d("max_instruction_chars", MAX_INSTRUCTION_CHARS, "Longer instructions are rejected with a warning (the "
                                                           "node does not command until a valid one arrives).")
         # dynamic typing: on the command line "compile_mode:=off" arrives as the YAML 1.1 boolean false
@@ -211,8 +215,7 @@ class _PolicyCore:
                 loop = getattr(self, "loop", None)
                 if loop is not None:
                     limit = value or self.contract.max_frame_age_s
-                    loop.config = LoopConfig(loop.config.control_rate_hz, limit, loop.config.use_streaming,
-                                             loop.config.max_instruction_chars)
+                    loop.config = dataclasses.replace(loop.config, max_frame_age_s=limit)
                     self.max_frame_age_s = limit
                     self.get_logger().info(f"max_frame_age_s set to {limit} s")
         return SetParametersResult(successful=True)
@@ -274,7 +277,7 @@ class _PolicyCore:
         self._closing = False
         self.loop = ControlLoop(
             policy, LoopConfig(self.control_rate_hz, self.max_frame_age_s, bool(p("use_streaming")),
-                               int(p("max_instruction_chars"))),
+                               int(p("max_instruction_chars")), beam_width=int(p("beam_width"))),
             clock_ns=lambda: self.get_clock().now().nanoseconds, publish=self._publish_commands,
             report=self._publish_decision, log=_NodeLog(self), output_groups=[g.dims for g in self.outputs])
         self.loop.set_enabled(enabled)

@@ -82,6 +82,7 @@ class FakePolicy:
         self.pushes = 0
         self.observations: list = []
         """Observations given through ``push`` (contracts with state inputs)."""
+        self.decide_kwargs: list[dict] = []
 
     def reset(self, instruction=None) -> None:
         assert instruction is None or instruction in self.known, f"reset with unembedded {instruction!r}"
@@ -96,7 +97,8 @@ class FakePolicy:
         self.observations.append(obs)
         self.pushes += 1
 
-    def decide(self):
+    def decide(self, **kwargs):
+        self.decide_kwargs.append(kwargs)
         self.clock.advance(self.delay_ns)
         return FakeDecision(self.action.copy(), np.zeros(2, int), np.zeros(2), 0.5)
 
@@ -177,6 +179,20 @@ def test_fresh_inputs_command_action_plus_delta_base() -> None:
     assert len(rig.published) == 3 and rig.loop.stop_reason is None
     np.testing.assert_allclose(rig.published[-1][1], [0.5, 1.05])
     assert rig.reports[-1].commanded and rig.reports[-1].decision is not None
+
+
+def test_beam_width_reaches_the_policy_and_greedy_asks_nothing_extra() -> None:
+    """A beam width > 1 is passed to ``decide``; greedy (1) calls ``decide()`` exactly as before, so any
+    object with the policy interface keeps working."""
+    greedy = make_rig()
+    run_ok(greedy, 2)
+    assert greedy.policy.decide_kwargs == [{}, {}]
+    beam = make_rig(beam_width=4)
+    run_ok(beam, 2)
+    assert beam.policy.decide_kwargs == [{"beam_width": 4}, {"beam_width": 4}] and len(beam.published) == 2
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="beam_width"):
+            LoopConfig(10.0, 0.3, beam_width=bad)
 
 
 def test_stale_camera_stops_once_with_reason_then_recovers_with_a_fresh_history() -> None:

@@ -165,6 +165,11 @@ def test_stage_key_changes_redo_downstream(tmp_path: Path) -> None:
     st.write_marker(cfg, "convert", convert_key, 1.0, {})
     train_key = st.stage_key(cfg, "train")
     assert train_key != st.stage_key(cfg.with_(train_steps=cfg.train_steps + 1), "train")
+    eval_key = st.stage_key(cfg, "eval")  # the decoding changes the closed loop, not training
+    assert eval_key != st.stage_key(cfg.with_(beam_width=1), "eval")
+    assert train_key == st.stage_key(cfg.with_(beam_width=1), "train")
+    with pytest.raises(ValueError, match="beam_width"):
+        cfg.with_(beam_width=0)
     st.write_marker(cfg, "record", st.stage_key(cfg, "record"), 1.0, {})  # record redone: new output id
     assert st.stage_key(cfg, "convert") != convert_key
     st.clear_stage(cfg, "convert")
@@ -216,6 +221,7 @@ def _fake_loops(monkeypatch: pytest.MonkeyPatch, bc_fails: bool) -> dict[str, in
     def fake(cfg, run, bar_position, t0):  # noqa: ANN001
         label = run.label
         domains[label] = run.domain_id
+        domains[label + " beam"] = run.beam_width
         run.connected.set()
         both.wait()
         if bc_fails and label.endswith("BC"):
@@ -245,7 +251,10 @@ def test_eval_runs_qt_and_bc_loops_side_by_side_in_two_domains(tmp_path: Path, m
         ckpt.write_bytes(b"not read by the fake loop")
     domains = _fake_loops(monkeypatch, bc_fails=False)
     out = st.evaluate(cfg)  # the barrier would time out (BrokenBarrierError) if the loops ran one after the other
-    assert domains == {"closed loop": DOMAIN_QUICK, "closed loop BC": DOMAIN_QUICK + 1}
+    # the Q-Transformer decodes with the config's beam width, cloning greedily (its logits are no values)
+    assert domains == {"closed loop": DOMAIN_QUICK, "closed loop BC": DOMAIN_QUICK + 1,
+                       "closed loop beam": cfg.beam_width, "closed loop BC beam": 1}
+    assert cfg.beam_width > 1
     assert (out["episodes"], out["successes"], out["bc_successes"]) == (1, 1, 0)
     assert set(out["loops"]) == {"closed loop", "closed loop BC"}
 

@@ -134,12 +134,17 @@ class SpyPolicy:
     delay_s = 0.0
     """Set to make every decision this much slower (a big model on a small CPU)."""
 
-    def decide(self) -> Any:
+    decide_kwargs: list[dict] | None = None
+    """Set to a list to record the keyword arguments of every decision (beam width)."""
+
+    def decide(self, **kwargs: Any) -> Any:
         self.history_at_decide.append(self.pushes_since_reset)
+        if self.decide_kwargs is not None:
+            self.decide_kwargs.append(kwargs)
         if self.fail_with is not None:
             raise self.fail_with
         time.sleep(self.delay_s)
-        return self._policy.decide()
+        return self._policy.decide(**kwargs)
 
 
 class FakeRobot(Node):
@@ -335,6 +340,21 @@ def test_ee_arm_commands_type_size_range(ee: Harness) -> None:
         assert all(0.0 <= q <= 1.0 for q in d.q_values) and 0.0 <= d.value <= 1.0
         assert list(d.camera_names) == ["front"] and 0 <= d.frame_age_s[0] < 0.3
         assert d.instruction == "pick up the block" and d.inference_time_s > 0
+
+
+def test_beam_width_parameter_decodes_every_command_with_beam_search(policies) -> None:
+    """``beam_width:=3``: every decision of the real policy runs beam search, and its commands still reach
+    the robot as bin centres."""
+    h = Harness(ee_contract(), policies["ee"], beam_width=3)
+    try:
+        h.policy.decide_kwargs = []
+        assert h.node.loop.config.beam_width == 3
+        start(h)
+        assert h.policy.decide_kwargs and all(k == {"beam_width": 3} for k in h.policy.decide_kwargs)
+        centres = h.node.contract.bins_to_actions(np.stack([np.arange(8)] * 4, axis=1))
+        assert any(np.isclose(h.robot.since("/t/ee_cmd", 0)[-1].twist.linear.x, centres[:, 0]))
+    finally:
+        h.close()
 
 
 def test_joint_trajectory_delta_commands_and_hold_on_stale(joint: Harness) -> None:
