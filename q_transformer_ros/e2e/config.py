@@ -262,6 +262,12 @@ class DemoConfig:
         return self.out / "eval_bc.jsonl"
 
     @property
+    def closed_loop_beam_width(self) -> int:
+        """The beam width the trained checkpoint's closed loop decodes with: ``beam_width`` for the
+        Q-Transformer, 1 for a cloning checkpoint (``objective`` 'bc'), whose outputs are logits, not values."""
+        return self.beam_width if self.objective == "q_learning" else 1
+
+    @property
     def bc_domain_id(self) -> int:
         """ROS_DOMAIN_ID of the cloning closed loop, which runs next to the Q-Transformer's: a domain of its
         own, because each loop's sim_node is the clock (/clock) of its graph."""
