@@ -91,8 +91,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "(shown as QT-NAME; cached under that name, so give a changed definition a new name)")
     p.add_argument("--no-bc", action="store_true", help="train and evaluate the Q-Transformer variants only")
     p.add_argument("--beam-width", type=int, default=1,
-                   help="the Q-Transformer variants' action decoding in the closed loop: 1 = greedy, k > 1 = beam "
-                        "search (policy_node's beam_width; the demo's default is 8); BC always decodes greedily. "
+                   help="action decoding in the closed loop, for every variant: 1 = greedy, k > 1 = beam search "
+                        "(policy_node's beam_width; the demo's default is 8; QT's beam ranks by Q, BC's by "
+                        "log-probability). "
                         "Trained models are reused: only the evaluation reruns")
     p.add_argument("--augment-shift-px", type=int, default=0,
                    help="DrQ random-shift augmentation in training, pixels (0 = off), for every variant")
@@ -226,7 +227,7 @@ def evaluate(args: argparse.Namespace, name: str, ckpt: Path, contract, out: Pat
     from q_transformer_ros.core.policy import QTransformerPolicy
     from q_transformer_ros.sim.agent_env import MetaWorldEnvironment
 
-    beam = args.beam_width if name.startswith("QT") else 1  # cloning's outputs are logits, not values
+    beam = args.beam_width  # the policy ranks a cloning checkpoint's beam by log-probability, QT's by Q
     log = out / ("eval.jsonl" if beam == 1 else f"eval_beam{beam}.jsonl")
     if log.exists():
         recs = read_records(log)
@@ -314,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     header = (f"bench_learning: {len(args.tasks)} tasks, {args.episodes_per_task} episodes/task (noise "
               f"{', '.join(f'{x:g}' for x in args.noise_levels)}), {args.train_steps} steps x batch {args.batch_size} "
               f"({args.model_preset}), {args.eval_episodes} held-out closed-loop episodes/task, device {args.device}"
-              + (f", QT decoded with beam width {args.beam_width} (BC greedy)" if args.beam_width > 1 else ""))
+              + (f", decoded with beam width {args.beam_width} (QT by Q, BC by log-probability)" if args.beam_width > 1 else ""))
     text = [header, "", table, ""]
     text.append("V|success / V|failure: the Q-Transformer's mean predicted value (episode mean) on closed-loop "
                 "successes / failures; BC's 'value' is an action probability, not a success estimate.")

@@ -38,6 +38,7 @@ from torch import Tensor
 
 from q_transformer_ros.core.decision_steps import DecisionSteps
 from q_transformer_ros.core.model import ModelConfig, QTransformerNet
+from q_transformer_ros.core.model.network import BeamScore
 from q_transformer_ros.contract import RobotContract
 from q_transformer_ros.observation import Observation, ObservationError, check_state
 
@@ -129,6 +130,9 @@ class QTransformerPolicy:
         self.device = resolve_device(device)
         self.net = net.to(self.device).eval()
         self.objective = objective
+        self.beam_score: BeamScore = "log_prob" if objective == "bc" else "q"
+        """How ``beam_width`` > 1 ranks actions: a cloning checkpoint's outputs are per-dim categoricals, so its
+        beam looks for the most likely whole action; a Q-Transformer's for the highest last-dim Q."""
         self.use_bf16 = use_bf16 and self.device.type == "cuda"
         self.steps = DecisionSteps(self.net, compile_mode)
         self._text_encoder = text_encoder
@@ -404,7 +408,7 @@ class QTransformerPolicy:
                 bins, q, all_q = self.steps.decide(tokens, *self._text, proprio)
             else:  # beam search: eager (its shapes depend on the width)
                 state = self.net.encode_state(tokens, *self._text, proprio)
-                bins, q, all_q = self.net.decode(state, beam_width=beam_width)
+                bins, q, all_q = self.net.decode(state, beam_width=beam_width, score=self.beam_score)
         return self._decision(bins, q, all_q, start)
 
     def _history_video(self) -> Tensor:
@@ -421,7 +425,7 @@ class QTransformerPolicy:
         text, mask = self._resolve_text(self.instruction)
         with self._amp():
             state = self.net.encode(video, text, mask, self._history_proprio())
-            bins, q, all_q = self.net.decode(state, beam_width=beam_width)
+            bins, q, all_q = self.net.decode(state, beam_width=beam_width, score=self.beam_score)
         return self._decision(bins, q, all_q, start)
 
     # -- full recomputation ---------------------------------------------------------------------------
@@ -451,7 +455,7 @@ class QTransformerPolicy:
                                                    proprio)
             else:
                 state = self.net.encode(rearrange(video, "c f ch h w -> 1 c f ch h w"), text, mask, proprio)
-                bins, q, all_q = self.net.decode(state, beam_width=beam_width)
+                bins, q, all_q = self.net.decode(state, beam_width=beam_width, score=self.beam_score)
         return self._decision(bins, q, all_q, start)
 
     @torch.inference_mode()

@@ -90,12 +90,15 @@ class DemoConfig:
     (30 per arm) one run's QT-BC comparison flipped from run to run (session 6-7); 60 per arm narrows
     each Wilson interval by about a quarter, for ~2.5 minutes more on 2 cores."""
     beam_width: int = 8
-    """The Q-Transformer's action decoding in the closed loop (``policy_node`` ``beam_width``): 1 = greedy per
-    dim, k > 1 = beam search, the action with the highest last-dim Q wins. Why 8: five QT checkpoints
-    trained on the demo's data, rolled out on its 60 held-out layouts, succeeded in 19-31 (mean 25.2) of 60
-    greedily, 28-33 at width 4 and 31-34 at width 8 (the data: 27), most of the gain on drawer-close; a
-    decision costs ~3.3 ms instead of ~2.3 ms on one core (benchmarks/README.md, "Learning, session 10").
-    The cloning baseline always decodes greedily (its outputs are a categorical's logits, not values)."""
+    """Action decoding in the closed loop (``policy_node`` ``beam_width``), the same for the Q-Transformer and
+    the cloning baseline: 1 = greedy per dim, k > 1 = beam search. The Q-Transformer's beam takes the action
+    with the highest last-dim Q, cloning's the one with the highest summed log-probability (its outputs are
+    a categorical's logits, not values). Why 8: five QT checkpoints trained on the demo's data, rolled out on
+    its 60 held-out layouts, succeeded in 19-31 (mean 25.2) of 60 greedily, 28-33 at width 4 and 31-34 at
+    width 8 (the data: 27), most of the gain on drawer-close; a decision costs ~3.3 ms instead of ~2.3 ms on
+    one core (benchmarks/README.md, "Learning, session 10"). The five cloning checkpoints trained beside them:
+    67 of 300 greedily and 67 at width 8 ("Learning, session 11"): the beam neither helps nor hurts cloning,
+    and no decoding is given to one policy and withheld from the other."""
     compare_bc: bool = True
     """Also train behaviour cloning (same data, network, steps and seed) and run it closed loop on the
     same seeds, so the table shows Q-learning next to cloning (``train_bc/``, ``eval_bc.jsonl``)."""
@@ -260,12 +263,6 @@ class DemoConfig:
     @property
     def eval_bc_log(self) -> Path:
         return self.out / "eval_bc.jsonl"
-
-    @property
-    def closed_loop_beam_width(self) -> int:
-        """The beam width the trained checkpoint's closed loop decodes with: ``beam_width`` for the
-        Q-Transformer, 1 for a cloning checkpoint (``objective`` 'bc'), whose outputs are logits, not values."""
-        return self.beam_width if self.objective == "q_learning" else 1
 
     @property
     def bc_domain_id(self) -> int:

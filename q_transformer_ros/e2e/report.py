@@ -62,6 +62,11 @@ class TaskRow:
     """Mean predicted value over closed-loop episodes that succeeded (first policy; NaN if none)."""
     value_failure: float
     """Mean predicted value over closed-loop episodes that failed (first policy; NaN if none)."""
+    value_auroc: float = math.nan
+    """AUROC of the first policy's episode-mean value, success vs failure, over this row's episodes (NaN
+    without both outcomes). Why per task too: the overall AUROC also rewards a value that only ranks tasks
+    (an easy task's episodes high, a hard one's low); a task's own AUROC asks whether the value tells this
+    task's successes from its failures."""
 
 
 def _rate(flags: Sequence[bool]) -> float:
@@ -95,6 +100,7 @@ def summarize(data: Sequence[EpisodeRecord], evals: dict[str, Sequence[EpisodeRe
             eval_episodes={p: len(v) for p, v in ev.items()}, eval_success={p: _rate([e.success for e in v]) for p, v in ev.items()},
             value_success=_mean([e.mean_value for e in main if e.success]),
             value_failure=_mean([e.mean_value for e in main if not e.success]),
+            value_auroc=value_auroc([e.mean_value for e in main], [e.success for e in main]),
         )
 
     rows = [row(t, lambda e, t=t: e.task == t) for t in tasks]
@@ -146,13 +152,13 @@ def _val(x: float) -> str:
 
 def format_table(rows: Sequence[TaskRow]) -> str:
     """Plain-text table: data success, closed-loop success per policy with its Wilson 95 % interval,
-    value on success vs failure."""
+    value on success vs failure and its AUROC (the first policy's)."""
     policies = list(rows[0].eval_success) if rows else []
     width = max([len(r.task) for r in rows] + [8])
     head = f"{'task':<{width}}  {'data':>10}"
     for p in policies:
         head += f"  {p + ' closed loop [95% CI]':>24}"
-    head += f"  {'V|success':>9}  {'V|failure':>9}"
+    head += f"  {'V|success':>9}  {'V|failure':>9}  {'AUROC':>5}"
     lines = [head, "-" * len(head)]
     for r in rows:
         if r.task == "overall":
@@ -160,7 +166,7 @@ def format_table(rows: Sequence[TaskRow]) -> str:
         line = f"{r.task:<{width}}  {_pct(r.data_success):>5} n={r.data_episodes:<3}"
         for p in policies:
             line += f"  {_pct(r.eval_success[p]):>10} {_interval(r.eval_success[p], r.eval_episodes[p])} n={r.eval_episodes[p]:<3}"
-        line += f"  {_val(r.value_success):>9}  {_val(r.value_failure):>9}"
+        line += f"  {_val(r.value_success):>9}  {_val(r.value_failure):>9}  {_val(r.value_auroc):>5}"
         lines.append(line)
     return "\n".join(lines)
 
@@ -186,7 +192,7 @@ def format_calibration(values: Sequence[float], successes: Sequence[bool], bins:
         lines.append(f"[{lo:.1f}, {hi:.1f}{']' if hi >= 1 else ')'}      {n:>8}   {_pct(rate):>16}")
     auroc = value_auroc(values, successes)
     lines.append("value AUROC (success vs failure): " + ("- (needs both successes and failures)"
-                                                          if math.isnan(auroc) else f"{auroc:.2f}"))
+                                                          if math.isnan(auroc) else f"{auroc:.3f}"))
     return "\n".join(lines)
 
 

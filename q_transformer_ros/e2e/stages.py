@@ -91,8 +91,8 @@ def stage_key(cfg: DemoConfig, stage: str) -> dict[str, Any]:
     if stage == "eval":
         key = {"train": upstream_id(cfg, "train"), "episodes": cfg.eval_episodes, "tasks": list(cfg.tasks),
                "max_episode_steps": cfg.max_episode_steps}
-        if cfg.closed_loop_beam_width != 1:
-            key["beam_width"] = cfg.closed_loop_beam_width
+        if cfg.beam_width != 1:
+            key["beam_width"] = cfg.beam_width
         return key
     return {}
 
@@ -358,9 +358,10 @@ def evaluate(cfg: DemoConfig) -> dict[str, Any]:
     if not cfg.checkpoint.exists():
         raise StageError(f"eval: no checkpoint at {cfg.checkpoint}; run the train stage")
     loops = [LoopRun("closed loop", cfg.checkpoint, cfg.eval_log, cfg.domain_id, keep_frames=True,
-                     beam_width=cfg.closed_loop_beam_width)]
+                     beam_width=cfg.beam_width)]
     if cfg.compare_bc and cfg.checkpoint_bc.exists():
-        loops.append(LoopRun("closed loop BC", cfg.checkpoint_bc, cfg.eval_bc_log, cfg.bc_domain_id, keep_frames=False))
+        loops.append(LoopRun("closed loop BC", cfg.checkpoint_bc, cfg.eval_bc_log, cfg.bc_domain_id, keep_frames=False,
+                             beam_width=cfg.beam_width))
     t0 = time.monotonic()
     with ThreadPoolExecutor(max_workers=len(loops), thread_name_prefix="closed-loop") as pool:
         futures = []
@@ -515,8 +516,9 @@ def report(cfg: DemoConfig) -> dict[str, Any]:
              f"{', '.join(f'{x:g}' for x in cfg.noise_levels)}; operators {', '.join(cfg.operators)}), "
              f"{cfg.train_steps} training steps ({cfg.model_preset}), "
              f"{cfg.eval_episodes} closed-loop episodes per task on held-out seeds"
-             + (f", QT decoded with beam width {cfg.closed_loop_beam_width}" if cfg.closed_loop_beam_width > 1 else "")
-             + ("; BC: behaviour cloning, same data, network, steps and seeds, greedy decoding." if "BC" in policies
+             + (f", decoded with beam width {cfg.beam_width}" if cfg.beam_width > 1 else ", decoded greedily")
+             + ("; BC: behaviour cloning, same data, network, steps, seeds and decoding"
+                + (" (its beam ranks by log-probability, QT's by Q)." if cfg.beam_width > 1 else ".") if "BC" in policies
                 else "."), "",
              "```", table, "```", "", "Calibration of the closed-loop predicted value (episode mean):", "",
              "```", calib, "```", "", "Stage wall times (s): " +

@@ -118,6 +118,38 @@ def test_beam_width_one_is_greedy_and_wide_beam_is_no_worse() -> None:
     assert torch.all(q[:, -1] >= greedy[1][:, -1] - 1e-6)
 
 
+@pytest.mark.parametrize("dual", [False, True])
+def test_log_prob_beam_finds_the_most_likely_whole_action_of_a_cloning_network(dual: bool) -> None:
+    """score='log_prob' (cloning): an exhaustive beam returns the action with the highest summed per-dim
+    log-probability (mean over heads), which is not in general the one with the highest last-dim logit
+    that score='q' returns. Dim 0 has an invalid bin, which no beam may take."""
+    net = make_net(seed=3, num_action_dims=2, action_bins=(5, 6), dual_critics=dual)
+    frames, text, mask, _ = inputs(net, batch=6)
+    with torch.no_grad():
+        state = net.encode(frames, text, mask)
+        bins, _, _ = net.decode(state, beam_width=5, score="log_prob")
+        grid = torch.cartesian_prod(torch.arange(5), torch.arange(6))  # (30, 2): every valid action
+        logits = net.q_logits(state.repeat_interleave(30, dim=0), grid.repeat(6, 1))  # (k, 6*30, 2, a)
+        log_p = logits.float().masked_fill(~net.bin_mask, float("-inf")).log_softmax(-1).mean(0)
+        total = log_p.gather(-1, grid.repeat(6, 1)[..., None])[..., 0].sum(-1).reshape(6, 30)
+        best = grid[total.argmax(dim=1)]
+        by_q, _, _ = net.decode(state, beam_width=5, score="q")
+    assert torch.equal(bins, best)
+    assert torch.all(bins[:, 0] < 5)
+    assert not torch.equal(by_q, bins), "the two scores should rank differently on random weights"
+
+
+def test_log_prob_beam_refuses_value_bin_models_and_unknown_scores() -> None:
+    net = make_net(value_bins=11)
+    frames, text, mask, _ = inputs(net)
+    with torch.no_grad():
+        state = net.encode(frames, text, mask)
+        with pytest.raises(ValueError, match="value_bins = 11"):
+            net.decode(state, beam_width=2, score="log_prob")
+        with pytest.raises(ValueError, match="'q' or 'log_prob'"):
+            net.decode(state, beam_width=2, score="logit")
+
+
 def test_bin_masking_never_picks_invalid_bins() -> None:
     """Dims with fewer bins than A: even when the invalid bins have the largest logits, decode skips them."""
     net = make_net(num_action_dims=3, action_bins=(2, 9, 3))

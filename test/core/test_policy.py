@@ -163,6 +163,38 @@ def test_from_checkpoint_round_trip(tmp_path) -> None:
     assert isinstance(loaded._text_encoder, TextEncoderConfig)
 
 
+def test_a_cloning_checkpoint_beam_searches_by_log_probability(tmp_path) -> None:
+    """A checkpoint trained with objective 'bc' holds logits of a categorical per dim, not Q values: its
+    beam must rank whole actions by summed log-probability (every decide path), a Q-Transformer's by Q."""
+    policy = make_policy(seed=4)
+    cache = policy._embeddings
+    texts = sorted(cache)
+    payload = {
+        "contract": policy.contract.to_dict(), "model_config": policy.cfg.to_dict(),
+        "text_encoder": {"model_name": "ViT-B-32", "pretrained": None}, "model": policy.net.state_dict(),
+        "instruction_embeddings": {"texts": texts, "embeddings": torch.stack([cache[t] for t in texts])}, "step": 7,
+    }
+    bc = QTransformerPolicy.from_checkpoint(save_checkpoint(tmp_path / "bc.pt", {**payload, "objective": "bc"}), device="cpu")
+    qt = QTransformerPolicy.from_checkpoint(save_checkpoint(tmp_path / "qt.pt", {**payload, "objective": "q_learning"}), device="cpu")
+    assert (bc.beam_score, qt.beam_score) == ("log_prob", "q")
+    frames = episode(3, seed=5)
+    for p in (bc, qt):
+        p.reset("push the button")
+        for step in frames:
+            p.push_frames(step)
+    with torch.no_grad():
+        state = bc.net.encode(bc._history_video(), *bc._resolve_text("push the button"), None)
+        by_log_prob = bc.net.decode(state, beam_width=5, score="log_prob")[0][0].numpy()
+        by_q = bc.net.decode(state, beam_width=5, score="q")[0][0].numpy()
+    assert not np.array_equal(by_log_prob, by_q), "pick weights where the two rankings differ"
+    for decide in (bc.decide, bc.decide_full):
+        np.testing.assert_array_equal(decide(beam_width=5).bins, by_log_prob)
+    np.testing.assert_array_equal(bc.act(window(frames, 2, 3), "push the button", beam_width=5).bins, by_log_prob)
+    np.testing.assert_array_equal(qt.decide(beam_width=5).bins, by_q)
+    # greedy decoding is the same rule for both: the per-dim argmax
+    np.testing.assert_array_equal(bc.decide().bins, qt.decide().bins)
+
+
 def test_fixed_text_instruction_is_used_when_none_given() -> None:
     contract = make_contract(instruction={"topic": None, "fixed_text": "pick the cube"})
     policy = make_policy(contract)

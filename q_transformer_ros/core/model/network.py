@@ -20,6 +20,8 @@ frame, ``d`` token width D, ``t`` text width T, ``s`` state tokens (f c k), ``n`
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from einops import rearrange, repeat
 from torch import Tensor, nn
@@ -31,6 +33,9 @@ from .frame_dedup import unique_frames
 from .maxvit import MaxViT
 from .token_learner import TokenLearner
 from .transformer import HistoryTransformer, block_causal_mask, sincos_embedding
+
+BeamScore = Literal["q", "log_prob"]
+"""How beam search ranks actions: by Q (a Q-Transformer) or by summed log-probability (a cloning network)."""
 
 
 class QTransformerNet(nn.Module):
@@ -232,17 +237,31 @@ class QTransformerNet(nn.Module):
 
     # -- decoding -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def decode(self, state: Tensor, beam_width: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+    def decode(self, state: Tensor, beam_width: int = 1, score: BeamScore = "q") -> tuple[Tensor, Tensor, Tensor]:
         """state ``(b, s, d)`` -> (bins ``(b, n)`` long, q_chosen ``(b, n)``, all_q ``(b, n, a)``).
 
         Dims are chosen one at a time: dim i's bin maximizes Q_i(s, a_<i, a_i) (min over critics when
-        dual). ``beam_width`` > 1 keeps the best partial actions by that Q and returns the beam whose
-        last-dim Q (the value of the whole action) is highest; width 1 is greedy. Self-attention K/V of
-        the action tokens is cached; the state's cross-attention K/V is computed once. ``all_q`` holds
-        the Q of every bin of dim i given the chosen bins of dims < i (invalid bins 0)."""
+        dual). ``beam_width`` > 1 keeps the best partial actions and returns the best whole one; width 1
+        is greedy. What "best" means is ``score``:
+
+        - ``'q'`` (a Q-Transformer): a partial action is ranked by its last chosen dim's Q, the whole
+          action by the last dim's Q (the value of the whole action).
+        - ``'log_prob'`` (a cloning network, whose logits are a categorical per dim): ranked by the
+          summed log-probability of the chosen bins (mean over critic heads), so the beam looks for the
+          most likely whole action of the data. Ranking cloning logits by the last dim's sigmoid, as
+          ``'q'`` would, has no meaning.
+
+        Self-attention K/V of the action tokens is cached; the state's cross-attention K/V is computed
+        once. ``all_q`` holds the Q of every bin of dim i given the chosen bins of dims < i (invalid
+        bins 0)."""
         cfg = self.cfg
         if not isinstance(beam_width, int) or beam_width < 1:
             raise ValueError(f"beam_width = {beam_width!r}: must be an integer >= 1")
+        if score not in ("q", "log_prob"):
+            raise ValueError(f"beam score = {score!r}: must be 'q' or 'log_prob'")
+        if score == "log_prob" and cfg.value_bins != 1:
+            raise ValueError(f"beam score 'log_prob' needs scalar logits per bin (value_bins = 1), this model has "
+                             f"value_bins = {cfg.value_bins}")
         b, width, n, a = state.shape[0], beam_width, cfg.num_action_dims, cfg.max_bins
         bw = b * width
         expand = (lambda t: repeat(t, "b ... -> (b w) ...", w=width)) if width > 1 else (lambda t: t)
@@ -256,16 +275,24 @@ class QTransformerNet(nn.Module):
         bins_hist = torch.zeros(bw, 0, dtype=torch.long, device=state.device)
         q_hist = torch.zeros(bw, 0, device=state.device)
         all_hist = torch.zeros(bw, 0, a, device=state.device)
+        log_prob = torch.zeros(bw, 1, device=state.device)  # summed log-probability of each beam ('log_prob')
         for i in range(n):
-            qs = []
+            qs, log_probs = [], []
+            invalid = ~self.bin_mask[i]
             for c, head in enumerate(self.heads):
                 logits, caches[c] = head.step(tokens[c], i, ctxs[c], caches[c])
                 qs.append(self.logits_to_q(logits))
-            q = torch.stack(qs).amin(dim=0).masked_fill(~self.bin_mask[i], 0.0)  # (bw, a)
-            scores = q.masked_fill(~self.bin_mask[i], float("-inf"))
+                if score == "log_prob":
+                    log_probs.append(logits.float().masked_fill(invalid, float("-inf")).log_softmax(dim=-1))
+            q = torch.stack(qs).amin(dim=0).masked_fill(invalid, 0.0)  # (bw, a)
+            if score == "q":
+                scores = q.masked_fill(invalid, float("-inf"))
+            else:
+                scores = log_prob + torch.stack(log_probs).mean(dim=0)
             scores = rearrange(scores, "(b w) a -> b w a", w=width).masked_fill(~alive[..., None], float("-inf"))
             top, idx = rearrange(scores, "b w a -> b (w a)").topk(width, dim=-1)
             alive = torch.isfinite(top)
+            log_prob = rearrange(top, "b w -> (b w) 1")
             parent, chosen = idx // a, idx % a
             parent_flat = rearrange(parent + torch.arange(b, device=state.device)[:, None] * width, "b w -> (b w)")
             chosen = rearrange(chosen, "b w -> (b w)")
