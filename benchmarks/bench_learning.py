@@ -225,7 +225,7 @@ def evaluate(args: argparse.Namespace, name: str, ckpt: Path, contract, out: Pat
     from tqdm import tqdm
 
     from q_transformer_ros.core.policy import QTransformerPolicy
-    from q_transformer_ros.sim.agent_env import MetaWorldEnvironment
+    from q_transformer_ros.sim.agent_env import MetaWorldEnvironment, run_policy_episode
 
     beam = args.beam_width  # the policy ranks a cloning checkpoint's beam by log-probability, QT's by Q
     log = out / ("eval.jsonl" if beam == 1 else f"eval_beam{beam}.jsonl")
@@ -243,19 +243,8 @@ def evaluate(args: argparse.Namespace, name: str, ckpt: Path, contract, out: Pat
         for k, task in enumerate(args.tasks):
             for j in range(args.eval_episodes):
                 seed = EVAL_SEED_BASE * n + j * n + k
-                instruction, obs = env.reset(seed)
-                policy.reset(instruction)
-                values, success, steps = [], False, 0
-                while True:
-                    policy.push(obs)
-                    d = policy.decide(beam_width=beam)
-                    values.append(round(float(d.value), 5))
-                    obs, _r, terminated, truncated, info = env.step(np.asarray(d.action, dtype=np.float32))
-                    steps += 1
-                    success = bool(info["success"])
-                    if terminated or truncated:
-                        break
-                records.append(EpisodeRecord(task=task, seed=seed, success=success, steps=steps, values=values,
+                ep = run_policy_episode(policy, env, seed, beam_width=beam)
+                records.append(EpisodeRecord(task=task, seed=seed, success=ep.success, steps=ep.steps, values=ep.values,
                                              source=name))
                 bar.set_postfix(task=task, success=f"{sum(r.success for r in records)}/{len(records)}")
                 bar.update(1)

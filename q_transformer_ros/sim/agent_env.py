@@ -9,7 +9,8 @@ so frames and actions mean the same in both.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 from einops import rearrange
@@ -113,3 +114,38 @@ class MetaWorldEnvironment(BaseEnvironment):
             env.close()
         self._envs.clear()
         self.env = None
+
+
+class DecidingPolicy(Protocol):
+    """What a closed loop needs of a policy (``core.policy.QTransformerPolicy`` has it)."""
+
+    def reset(self, instruction: str | None = None) -> None: ...
+    def push(self, observation: Observation) -> None: ...
+    def decide(self, beam_width: int = 1) -> Any: ...
+
+
+@dataclass
+class PolicyEpisode:
+    """One closed-loop episode of a policy in the simulator."""
+
+    success: bool
+    steps: int
+    values: list[float] = field(default_factory=list)
+    """The decision's predicted value at every step."""
+
+
+def run_policy_episode(policy: DecidingPolicy, env: MetaWorldEnvironment, seed: int, beam_width: int = 1) -> PolicyEpisode:
+    """Reset ``env`` at layout ``seed`` and let ``policy`` act on every observation (``decide(beam_width)``)
+    until the episode succeeds or is truncated. Why one function: the benchmarks' ROS-free closed loops
+    (bench_learning, bench_decoding) must run the same loop to be comparable with each other; the ROS
+    closed loop (``ros.episode_driver``) matched it episode for episode (benchmarks/README.md, session 9)."""
+    instruction, obs = env.reset(seed)
+    policy.reset(instruction)
+    values: list[float] = []
+    while True:
+        policy.push(obs)
+        decision = policy.decide(beam_width=beam_width)
+        values.append(round(float(decision.value), 5))
+        obs, _reward, terminated, truncated, info = env.step(np.asarray(decision.action, dtype=np.float32))
+        if terminated or truncated:
+            return PolicyEpisode(success=bool(info["success"]), steps=len(values), values=values)

@@ -96,3 +96,46 @@ def test_reference_worker_small() -> None:
     tr = common.run_reference_worker(REF_PY, ["train", "--config", "small", "--batch-size", "2", "--warmup-steps", "0",
                                               "--steps", "1", "--episodes", "1", "--episode-len", "3"], threads)
     assert tr["steps"] == 1 and tr["samples_per_s"] > 0
+
+
+def test_decoding_rolls_out_each_width_on_the_runs_layouts_and_caches(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench_decoding on a demo-shaped folder (an untrained checkpoint, the closed loop's eval.jsonl):
+    every width meets the run's own layouts, the table has a row per width, and a rerun reads the cache."""
+    import bench_decoding  # noqa: PLC0415
+
+    from q_transformer_ros.contract import load_contract  # noqa: PLC0415
+    from q_transformer_ros.core.checkpoint import save_untrained_checkpoint  # noqa: PLC0415
+    from q_transformer_ros.e2e.report import EpisodeRecord, read_records, write_records  # noqa: PLC0415
+    from q_transformer_ros.sim import agent_env  # noqa: PLC0415
+    from q_transformer_ros.sim.tasks import TASK_INSTRUCTIONS  # noqa: PLC0415
+
+    run = tmp_path / "demo_out"
+    contract = load_contract(BENCH_DIR.parent / "config" / "contract_ee_arm.yaml")
+    tasks = ["drawer-close-v3", "button-press-topdown-v3"]
+    save_untrained_checkpoint(run / "train" / "checkpoint.pt", contract, text_dim=32,
+                              text_encoder={"pretrained": None, "text_overrides": {"width": 32, "layers": 1, "heads": 2, "embed_dim": 32}},
+                              instructions=[TASK_INSTRUCTIONS[t] for t in tasks])
+    layouts = [("drawer-close-v3", 1000), ("button-press-topdown-v3", 1001), ("drawer-close-v3", 1003)]
+    write_records(run / "eval.jsonl", [EpisodeRecord(task=t, seed=s, success=False) for t, s in layouts])
+    write_records(run / "record.jsonl", [EpisodeRecord(task=t, seed=i, success=i % 2 == 0) for i, t in enumerate(tasks * 2)])
+
+    assert bench_decoding.main([str(run), "--beam-widths", "1", "3", "--max-episode-steps", "4"]) == 0
+    text = capsys.readouterr().out
+    rows = [ln for ln in text.splitlines() if ln.startswith("| demo_out |")]
+    assert [ln.split("|")[2].strip() for ln in rows] == ["1", "3"]
+    assert all("/3 (" in ln for ln in rows), rows
+    assert "the recorded data's success rate: demo_out 50 %" in text
+    for width in (1, 3):
+        episodes = read_records(run / "decoding" / f"qt_beam{width}.jsonl")
+        assert [(e.task, e.seed) for e in episodes] == layouts
+        assert all(1 <= e.steps <= 4 and len(e.values) == e.steps for e in episodes)
+    assert (run / "decoding" / "results.md").read_text().strip() in text
+
+    def no_rollouts(*_a, **_k):  # noqa: ANN002, ANN003
+        raise AssertionError("the cached episodes should have been read")
+
+    monkeypatch.setattr(agent_env, "run_policy_episode", no_rollouts)
+    assert bench_decoding.main([str(run), "--beam-widths", "3", "1", "--max-episode-steps", "4"]) == 0
+    with pytest.raises(SystemExit, match="train_bc/checkpoint.pt"):
+        bench_decoding.main([str(run), "--policy", "bc", "--beam-widths", "1"])
