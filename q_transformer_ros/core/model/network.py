@@ -292,7 +292,8 @@ class QTransformerNet(nn.Module):
             scores = rearrange(scores, "(b w) a -> b w a", w=width).masked_fill(~alive[..., None], float("-inf"))
             top, idx = rearrange(scores, "b w a -> b (w a)").topk(width, dim=-1)
             alive = torch.isfinite(top)
-            log_prob = rearrange(top, "b w -> (b w) 1")
+            if score == "log_prob":
+                log_prob = rearrange(top, "b w -> (b w) 1")
             parent, chosen = idx // a, idx % a
             parent_flat = rearrange(parent + torch.arange(b, device=state.device)[:, None] * width, "b w -> (b w)")
             chosen = rearrange(chosen, "b w -> (b w)")
