@@ -3,6 +3,7 @@
     python benchmarks/bench_decoding.py demo_out                                   # widths 1 2 4 8
     python benchmarks/bench_decoding.py demo_out_A demo_out_B --beam-widths 1 8
     python benchmarks/bench_decoding.py demo_out --policy bc --beam-widths 1 8      # the cloning checkpoint
+    python benchmarks/bench_decoding.py demo_out --beam-widths 1 8 --beam-margins 0.05 0.1
 
 Each argument is a demo output folder (``scripts/run_demo.sh --out``). Its checkpoint (``train/`` for the
 Q-Transformer, ``train_bc/`` for cloning) is rolled out ROS-free (``QTransformerPolicy`` + the simulator,
@@ -12,6 +13,10 @@ same layouts. Session 9 showed the ROS-free loop agrees with the ROS one episode
 Why this script: beam search changes two things the demo's goal asks for at once. On six demo checkpoints
 it raised success above the data's rate and took the value's power to tell a task's successes from its
 failures down to chance (benchmarks/README.md, "Learning, session 11"). Decide a width with both numbers.
+
+``--beam-margins m``: also decode with a beam that overrides greedy only by a margin. At every step both
+decodings run, and the beam's action (width ``--margin-width``) is taken only when its value beats the
+greedy action's by more than m (session 11: more successes than either decoding alone).
 
 Table: per run and width, successes (Wilson 95 %), the value AUROC over all episodes, and the mean of the
 per-task AUROCs (tasks with both outcomes: within a task, the value has to rank episodes, not tasks);
@@ -25,8 +30,9 @@ import argparse
 import math
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -52,6 +58,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", type=Path, help="demo output folders (each with train/ and eval.jsonl)")
     p.add_argument("--beam-widths", type=int, nargs="+", default=[1, 2, 4, 8], help="1 = greedy")
+    p.add_argument("--beam-margins", type=float, nargs="+", default=[],
+                   help="also decode with the beam overriding greedy only when its value is higher by more than m")
+    p.add_argument("--margin-width", type=int, default=8, help="the beam width the margin rows use")
     p.add_argument("--policy", choices=tuple(CHECKPOINT_DIRS), default="qt",
                    help="qt: the Q-Transformer checkpoint (beam ranked by Q); bc: the cloning one (by log-probability)")
     p.add_argument("--max-episode-steps", type=int, default=None,
@@ -59,9 +68,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: two rollouts fit on two cores)")
     p.add_argument("--force", action="store_true", help="roll out again instead of reading the cached episodes")
     args = p.parse_args(argv)
-    for w in args.beam_widths:
+    for w in [*args.beam_widths, args.margin_width]:
         if w < 1:
-            p.error(f"--beam-widths {w}: must be >= 1 (1 = greedy)")
+            p.error(f"--beam-widths/--margin-width {w}: must be >= 1 (1 = greedy)")
+    args.decodings = [Decoding(w) for w in args.beam_widths] + [Decoding(args.margin_width, m) for m in args.beam_margins]
     return args
 
 
@@ -85,15 +95,50 @@ def max_episode_steps(run: Path, override: int | None) -> int:
     return 120
 
 
-def roll_out(run: Path, policy_name: str, width: int, steps: int, force: bool) -> list[EpisodeRecord]:
-    """The run's checkpoint on its held-out layouts at one beam width (cached per run, policy and width)."""
+@dataclass(frozen=True)
+class Decoding:
+    """A beam width, and optionally the margin by which the beam's value must beat greedy's to be acted on."""
+
+    width: int
+    margin: float | None = None
+
+    @property
+    def label(self) -> str:
+        return str(self.width) if self.margin is None else f"{self.width}, margin {self.margin:g}"
+
+    @property
+    def file_stem(self) -> str:
+        return f"beam{self.width}" if self.margin is None else f"beam{self.width}_margin{self.margin:g}"
+
+
+class MarginBeam:
+    """Acts on the beam's decision only when its value beats the greedy decision's by more than ``margin``
+    (both decoded from the same pushed frames); otherwise on the greedy one."""
+
+    def __init__(self, policy: Any, margin: float) -> None:
+        self.policy, self.margin = policy, margin
+
+    def reset(self, instruction: str | None = None) -> None:
+        self.policy.reset(instruction)
+
+    def push(self, observation: Any) -> None:
+        self.policy.push(observation)
+
+    def decide(self, beam_width: int = 1) -> Any:
+        greedy = self.policy.decide()
+        beam = self.policy.decide(beam_width=beam_width)
+        return beam if beam.value - greedy.value > self.margin else greedy
+
+
+def roll_out(run: Path, policy_name: str, decoding: Decoding, steps: int, force: bool) -> list[EpisodeRecord]:
+    """The run's checkpoint on its held-out layouts with one decoding (cached per run, policy and decoding)."""
     from tqdm import tqdm
 
     from q_transformer_ros.core.policy import QTransformerPolicy
     from q_transformer_ros.sim.agent_env import MetaWorldEnvironment, run_policy_episode
 
     layouts = held_out_layouts(run)
-    log = run / "decoding" / f"{policy_name}_beam{width}.jsonl"
+    log = run / "decoding" / f"{policy_name}_{decoding.file_stem}.jsonl"
     cached = [] if force else read_records(log)
     if [(r.task, r.seed) for r in cached] == layouts:
         return cached
@@ -101,17 +146,18 @@ def roll_out(run: Path, policy_name: str, width: int, steps: int, force: bool) -
     if not ckpt.exists():
         raise SystemExit(f"bench_decoding: no checkpoint at {ckpt}")
     policy = QTransformerPolicy.from_checkpoint(ckpt, device="cpu")
+    actor = policy if decoding.margin is None else MarginBeam(policy, decoding.margin)
     envs: dict[str, MetaWorldEnvironment] = {}
     records: list[EpisodeRecord] = []
-    bar = tqdm(layouts, desc=f"{run.name} {policy_name} beam {width}", unit="ep", dynamic_ncols=True)
+    bar = tqdm(layouts, desc=f"{run.name} {policy_name} beam {decoding.label}", unit="ep", dynamic_ncols=True)
     try:
         for task, seed in bar:
             if task not in envs:
                 envs[task] = MetaWorldEnvironment(policy.contract, [task], max_episode_steps=steps)
             env = envs[task]
-            ep = run_policy_episode(policy, env, seed, beam_width=width)
+            ep = run_policy_episode(actor, env, seed, beam_width=decoding.width)
             records.append(EpisodeRecord(task=task, seed=seed, success=ep.success, steps=ep.steps, values=ep.values,
-                                         source=f"{policy_name} beam {width}"))
+                                         source=f"{policy_name} beam {decoding.label}"))
             bar.set_postfix(success=f"{sum(r.success for r in records)}/{len(records)}")
     finally:
         bar.close()
@@ -134,7 +180,7 @@ def aurocs(records: Sequence[EpisodeRecord]) -> tuple[float, float]:
     return value_auroc([r.mean_value for r in records], [r.success for r in records]), within_task_auroc(records)
 
 
-def table_row(name: str, width: int, successes: int, episodes: int, auroc: float, within: float) -> str:
+def table_row(name: str, width: str, successes: int, episodes: int, auroc: float, within: float) -> str:
     lo, hi = wilson_interval(successes, episodes)
     fmt = lambda x: "-" if math.isnan(x) else f"{x:.3f}"  # noqa: E731
     return (f"| {name} | {width} | {successes}/{episodes} ({100 * successes / episodes:.0f} % "
@@ -144,25 +190,26 @@ def table_row(name: str, width: int, successes: int, episodes: int, auroc: float
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    results: dict[tuple[str, int], list[EpisodeRecord]] = {}
+    results: dict[tuple[str, Decoding], list[EpisodeRecord]] = {}
     for run in args.runs:
-        for width in args.beam_widths:
-            results[run.name, width] = roll_out(run, args.policy, width, max_episode_steps(run, args.max_episode_steps),
-                                                args.force)
+        for decoding in args.decodings:
+            results[run.name, decoding] = roll_out(run, args.policy, decoding,
+                                                   max_episode_steps(run, args.max_episode_steps), args.force)
     lines = [f"bench_decoding: {args.policy} checkpoints of {len(args.runs)} demo run(s), ROS-free, on each run's "
              "held-out layouts; value AUROC of the episode-mean predicted value, success vs failure", "",
              "| run | beam width | success [Wilson 95 %] | value AUROC | within-task AUROC (mean) |",
              "|---|---|---|---|---|"]
     for run in args.runs:
-        for w in args.beam_widths:
-            recs = results[run.name, w]
-            lines.append(table_row(run.name, w, sum(r.success for r in recs), len(recs), *aurocs(recs)))
+        for decoding in args.decodings:
+            recs = results[run.name, decoding]
+            lines.append(table_row(run.name, decoding.label, sum(r.success for r in recs), len(recs), *aurocs(recs)))
     if len(args.runs) > 1:  # successes pooled; AUROCs are per model, so their mean over runs
-        for w in args.beam_widths:
-            recs = [results[run.name, w] for run in args.runs]
+        for decoding in args.decodings:
+            recs = [results[run.name, decoding] for run in args.runs]
             per_run = np.array([aurocs(r) for r in recs], dtype=np.float64)
-            lines.append(table_row(f"{len(args.runs)} runs (AUROC: mean of runs)", w, sum(r.success for rs in recs for r in rs),
-                                   sum(len(rs) for rs in recs), *np.nanmean(per_run, axis=0)))
+            lines.append(table_row(f"{len(args.runs)} runs (AUROC: mean of runs)", decoding.label,
+                                   sum(r.success for rs in recs for r in rs), sum(len(rs) for rs in recs),
+                                   *np.nanmean(per_run, axis=0)))
     data = [read_records(run / "record.jsonl") for run in args.runs]
     if all(data):
         rates = [f"{run.name} {100 * np.mean([r.success for r in d]):.0f} %" for run, d in zip(args.runs, data)]
