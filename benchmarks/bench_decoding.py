@@ -28,6 +28,7 @@ redoes); the table is also written to ``<first run>/decoding/results.md``.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -88,8 +89,6 @@ def held_out_layouts(run: Path) -> list[tuple[str, int]]:
 def max_episode_steps(run: Path, override: int | None) -> int:
     if override is not None:
         return override
-    import json
-
     report = run / "report.json"
     if report.exists():
         return int(json.loads(report.read_text()).get("config", {}).get("max_episode_steps", 120))

@@ -51,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-encoder-weights", help="local open_clip weights file for the instruction encoder")
     p.add_argument("--eval-episodes", type=int, help="closed-loop episodes per task (held-out seeds)")
     p.add_argument("--beam-width", type=int,
-                   help="the Q-Transformer's action decoding in the closed loop: 1 = greedy, k > 1 = beam search "
-                        "(default 8; cloning always decodes greedily)")
+                   help="action decoding of both closed loops: 1 = greedy, k > 1 = beam search (default 8; the "
+                        "Q-Transformer's beam ranks by Q, cloning's by log-probability)")
     p.add_argument("--no-bc", action="store_true", help="do not train and run the behaviour-cloning baseline")
     p.add_argument("--contract", help="robot contract YAML (default: config/contract_ee_arm.yaml)")
     p.add_argument("--image-size", type=int, help="camera size for the run (default 32; 0 = the contract's own)")

@@ -91,7 +91,8 @@ class LoopConfig:
     beam_width: int = 1
     """Action decoding: 1 = greedy, each dim's bin maximises its own Q given the dims before it (the
     Q-Transformer's decoding); k > 1 = beam search that keeps the k best partial actions and returns the
-    one whose last-dim Q (the value of the whole action) is highest. Why offer it: a learned Q is not
+    one whose last-dim Q (the value of the whole action) is highest (for a cloning checkpoint the policy
+    ranks by summed log-probability instead). Why offer it: a learned Q is not
     exactly consistent across dims (dim i's Q is only trained towards the max of dim i+1's), and greedy
     decoding follows each dim's error; benchmarks/README.md, "Learning, session 10"."""
 

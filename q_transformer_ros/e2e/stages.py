@@ -511,15 +511,15 @@ def report(cfg: DemoConfig) -> dict[str, Any]:
         "training curves": cfg.train_dir / "metrics.png", "closed-loop episodes": cfg.eval_log,
         "value vs success plot": plot, "closed-loop GIF": cfg.out / "closed_loop.gif", "node logs": cfg.logs_dir,
     }
+    bc_note = ("; BC: behaviour cloning, same data, network, steps, seeds and decoding"
+               + (" (its beam ranks by log-probability, QT's by Q)." if cfg.beam_width > 1 else "."))
     lines = ["# Q-Transformer end-to-end demo", "",
              f"tasks {', '.join(cfg.tasks)}; {cfg.episodes_per_task} recorded episodes per task (noise std "
              f"{', '.join(f'{x:g}' for x in cfg.noise_levels)}; operators {', '.join(cfg.operators)}), "
              f"{cfg.train_steps} training steps ({cfg.model_preset}), "
              f"{cfg.eval_episodes} closed-loop episodes per task on held-out seeds"
              + (f", decoded with beam width {cfg.beam_width}" if cfg.beam_width > 1 else ", decoded greedily")
-             + ("; BC: behaviour cloning, same data, network, steps, seeds and decoding"
-                + (" (its beam ranks by log-probability, QT's by Q)." if cfg.beam_width > 1 else ".") if "BC" in policies
-                else "."), "",
+             + (bc_note if "BC" in policies else "."), "",
              "```", table, "```", "", "Calibration of the closed-loop predicted value (episode mean):", "",
              "```", calib, "```", "", "Stage wall times (s): " +
              ", ".join(f"{s} {t:.0f}" for s, t in timings.items() if isinstance(t, (int, float))), "", "Files:", ""]

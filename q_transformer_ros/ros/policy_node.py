@@ -193,8 +193,9 @@ class _PolicyCore:
                                                        "e.g. ['TensorrtExecutionProvider', 'CUDAExecutionProvider', "
                                                        "'CPUExecutionProvider'] (backend 'onnxruntime').")
         d("beam_width", 1, "Action decoding: 1 = greedy per dim (the Q-Transformer's); k > 1 = beam search keeping the "
-                           "k best partial actions, the action with the highest last-dim Q wins (slower decisions: "
-                           "the eager decoder runs k candidates per dim).")
+                           "k best partial actions, the action with the highest last-dim Q wins (a cloning checkpoint's: "
+                           "the most likely action); slower decisions, and a predicted value that no longer tells "
+                           "failing attempts apart (docs/policy_node.md).")
         d("max_instruction_chars", MAX_INSTRUCTION_CHARS, "Longer instructions are rejected with a warning (the "
                                                           "node does not command until a valid one arrives).")
         # dynamic typing: on the command line "compile_mode:=off" arrives as the YAML 1.1 boolean false
