@@ -15,9 +15,11 @@ Why this script: beam search changes two things the demo's goal asks for at once
 it raised success above the data's rate and took the value's power to tell a task's successes from its
 failures down to chance (benchmarks/README.md, "Learning, session 11"). Decide a width with both numbers.
 
-``--beam-margins m``: also decode with a beam that overrides greedy only by a margin. At every step both
-decodings run, and the beam's action (width ``--margin-width``) is taken only when its value beats the
-greedy action's by more than m (session 11: more successes than either decoding alone).
+``--beam-margins m``: also decode with a beam that overrides greedy only by a margin
+(``QTransformerPolicy.decide(beam_width, beam_margin)``, the policy node's ``beam_margin``). At every step
+both decodings run from the same state, and the beam's action (width ``--margin-width``) is taken only
+when its value beats the greedy action's by more than m (session 11: more successes than either
+decoding alone).
 
 Table: per run and width, successes (Wilson 95 %), the value AUROC over all episodes, and the mean of the
 per-task AUROCs (tasks with both outcomes: within a task, the value has to rank episodes, not tasks);
@@ -34,7 +36,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -111,25 +113,6 @@ class Decoding:
         return f"beam{self.width}" if self.margin is None else f"beam{self.width}_margin{self.margin:g}"
 
 
-class MarginBeam:
-    """Acts on the beam's decision only when its value beats the greedy decision's by more than ``margin``
-    (both decoded from the same pushed frames); otherwise on the greedy one."""
-
-    def __init__(self, policy: Any, margin: float) -> None:
-        self.policy, self.margin = policy, margin
-
-    def reset(self, instruction: str | None = None) -> None:
-        self.policy.reset(instruction)
-
-    def push(self, observation: Any) -> None:
-        self.policy.push(observation)
-
-    def decide(self, beam_width: int = 1) -> Any:
-        greedy = self.policy.decide()
-        beam = self.policy.decide(beam_width=beam_width)
-        return beam if beam.value - greedy.value > self.margin else greedy
-
-
 def roll_out(run: Path, policy_name: str, decoding: Decoding, steps: int, force: bool) -> list[EpisodeRecord]:
     """The run's checkpoint on its held-out layouts with one decoding (cached per run, policy and decoding)."""
     from tqdm import tqdm
@@ -146,7 +129,6 @@ def roll_out(run: Path, policy_name: str, decoding: Decoding, steps: int, force:
     if not ckpt.exists():
         raise SystemExit(f"bench_decoding: no checkpoint at {ckpt}")
     policy = QTransformerPolicy.from_checkpoint(ckpt, device="cpu")
-    actor = policy if decoding.margin is None else MarginBeam(policy, decoding.margin)
     envs: dict[str, MetaWorldEnvironment] = {}
     records: list[EpisodeRecord] = []
     bar = tqdm(layouts, desc=f"{run.name} {policy_name} beam {decoding.label}", unit="ep", dynamic_ncols=True)
@@ -155,7 +137,7 @@ def roll_out(run: Path, policy_name: str, decoding: Decoding, steps: int, force:
             if task not in envs:
                 envs[task] = MetaWorldEnvironment(policy.contract, [task], max_episode_steps=steps)
             env = envs[task]
-            ep = run_policy_episode(actor, env, seed, beam_width=decoding.width)
+            ep = run_policy_episode(policy, env, seed, beam_width=decoding.width, beam_margin=decoding.margin)
             records.append(EpisodeRecord(task=task, seed=seed, success=ep.success, steps=ep.steps, values=ep.values,
                                          source=f"{policy_name} beam {decoding.label}"))
             bar.set_postfix(success=f"{sum(r.success for r in records)}/{len(records)}")

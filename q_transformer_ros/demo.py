@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beam-width", type=int,
                    help="action decoding of both closed loops: 1 = greedy, k > 1 = beam search (default 8; the "
                         "Q-Transformer's beam ranks by Q, cloning's by log-probability)")
+    p.add_argument("--beam-margin", type=float,
+                   help="with beam width > 1, the Q-Transformer acts on the beam's action only when its value beats "
+                        "the greedy action's by more than this (default 0.05; -1 = always the beam's)")
     p.add_argument("--no-bc", action="store_true", help="do not train and run the behaviour-cloning baseline")
     p.add_argument("--contract", help="robot contract YAML (default: config/contract_ee_arm.yaml)")
     p.add_argument("--image-size", type=int, help="camera size for the run (default 32; 0 = the contract's own)")
@@ -79,7 +82,8 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
         "train_steps": args.train_steps, "batch_size": args.batch_size, "model_preset": args.model_preset,
         "objective": args.objective, "text_encoder_weights": args.text_encoder_weights,
         "conservative_weight": args.conservative_weight,
-        "eval_episodes": args.eval_episodes, "beam_width": args.beam_width, "contract": args.contract,
+        "eval_episodes": args.eval_episodes, "beam_width": args.beam_width,
+        "beam_margin": args.beam_margin, "contract": args.contract,
         "domain_id": args.domain_id,
         "device": args.device, "extra_train_args": args.train_arg or None, "torch_threads": args.torch_threads,
     }

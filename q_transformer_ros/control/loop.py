@@ -95,6 +95,11 @@ class LoopConfig:
     ranks by summed log-probability instead). Why offer it: a learned Q is not
     exactly consistent across dims (dim i's Q is only trained towards the max of dim i+1's), and greedy
     decoding follows each dim's error; benchmarks/README.md, "Learning, session 10"."""
+    beam_margin: float | None = None
+    """With ``beam_width`` > 1, a Q-Transformer acts on the beam's action only when its value beats the
+    greedy action's by more than this, else on the greedy action (the node's default 0.05 measured best:
+    more successes than greedy and a value that still ranks outcomes; benchmarks/README.md, "Learning,
+    session 12"). None = always the beam's action (and what a cloning checkpoint's beam needs)."""
 
     def __post_init__(self) -> None:
         if not (self.control_rate_hz > 0 and math.isfinite(self.control_rate_hz)):
@@ -105,10 +110,28 @@ class LoopConfig:
             raise ValueError(f"max_instruction_chars = {self.max_instruction_chars}: must be >= 1")
         if not isinstance(self.beam_width, int) or isinstance(self.beam_width, bool) or self.beam_width < 1:
             raise ValueError(f"beam_width = {self.beam_width!r}: must be an integer >= 1 (1 = greedy decoding)")
+        if self.beam_margin is not None and not (isinstance(self.beam_margin, (int, float))
+                                                 and not isinstance(self.beam_margin, bool)
+                                                 and math.isfinite(self.beam_margin)):
+            raise ValueError(f"beam_margin = {self.beam_margin!r}: must be a finite number or None (values lie in "
+                             "[0, 1]; -1 = always the beam's action)")
 
     @property
     def period_ns(self) -> int:
         return int(round(NS / self.control_rate_hz))
+
+
+def decoding_for(beam_width: int, beam_margin: float, beam_score: str) -> tuple[float | None, str]:
+    """The loop's ``beam_margin`` for the node's parameters, and the decoding in words (logged at start).
+
+    The margin compares values, so it applies to a beam ranked by Q (a Q-Transformer's); a cloning
+    checkpoint's beam ranks by log-probability and always acts on its most likely action."""
+    if beam_width == 1:
+        return None, "greedy per action dim"
+    if beam_score != "q":
+        return None, f"beam search, width {beam_width}, the most likely whole action (cloning checkpoint: beam_margin does not apply)"
+    return float(beam_margin), (f"beam search, width {beam_width}, acting on the beam's action only when its value "
+                                f"beats the greedy action's by more than {beam_margin:g}")
 
 
 @dataclass
@@ -477,7 +500,11 @@ class ControlLoop:
         else:  # contracts without state: the frames-only shortcut every policy has
             self.policy.push_frames(dict(obs.frames))
         # beam width passed only when asked for: any object with the policy interface decides greedily
-        beam = {"beam_width": self.config.beam_width} if self.config.beam_width > 1 else {}
+        beam: dict[str, Any] = {}
+        if self.config.beam_width > 1:
+            beam["beam_width"] = self.config.beam_width
+            if self.config.beam_margin is not None:
+                beam["beam_margin"] = self.config.beam_margin
         if self.config.use_streaming or not hasattr(self.policy, "decide_full"):
             return self.policy.decide(**beam)
         return self.policy.decide_full(**beam)

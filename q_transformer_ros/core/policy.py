@@ -387,9 +387,14 @@ class QTransformerPolicy:
         return [items[0]] * (self.cfg.frame_history - len(items)) + list(items)
 
     @torch.inference_mode()
-    def decide(self, beam_width: int = 1) -> Decision:
+    def decide(self, beam_width: int = 1, beam_margin: float | None = None) -> Decision:
         """Decide from the cached frame tokens (history transformer + autoregressive head only). With a fused
-        backend the newest frame is encoded here, in the same run (``inference_time_s`` then includes it)."""
+        backend the newest frame is encoded here, in the same run (``inference_time_s`` then includes it).
+
+        ``beam_width`` > 1 decodes with beam search (ranked as ``beam_score`` says). ``beam_margin`` (a
+        Q-Transformer's only) guards it: the beam's action only when its value beats the greedy action's by
+        more than the margin, else the greedy action; None = always the beam's."""
+        self._check_beam_margin(beam_margin)
         if not self._tokens and self._pending is None:
             raise PolicyInputError("decide() called before push_frames(): no frames since the last reset()")
         start = time.perf_counter()
@@ -408,16 +413,29 @@ class QTransformerPolicy:
                 bins, q, all_q = self.steps.decide(tokens, *self._text, proprio)
             else:  # beam search: eager (its shapes depend on the width)
                 state = self.net.encode_state(tokens, *self._text, proprio)
-                bins, q, all_q = self.net.decode(state, beam_width=beam_width, score=self.beam_score)
+                bins, q, all_q = self.net.decode(state, beam_width=beam_width, score=self.beam_score,
+                                                 beam_margin=beam_margin)
         return self._decision(bins, q, all_q, start)
+
+    def _check_beam_margin(self, beam_margin: float | None) -> None:
+        if beam_margin is None:
+            return
+        if self.beam_score != "q":
+            raise PolicyInputError("beam_margin compares the values of the beam's and the greedy action; this is a "
+                                   "cloning checkpoint, whose beam ranks by log-probability: leave beam_margin unset")
+        if not isinstance(beam_margin, (int, float)) or isinstance(beam_margin, bool) or beam_margin != beam_margin:
+            raise PolicyInputError(f"beam_margin = {beam_margin!r}: must be a number (values lie in [0, 1]; "
+                                   "-1 = always the beam's action)")
 
     def _history_video(self) -> Tensor:
         """The kept frames, padded to ``frame_history``, as one batch ``(1, c, f, 3, h, w)``."""
         return rearrange(torch.stack(self._padded(self._frames)), "f c ch h w -> 1 c f ch h w")
 
     @torch.inference_mode()
-    def decide_full(self, beam_width: int = 1) -> Decision:
-        """Decide by re-encoding the kept frame history (full recomputation; same inputs as ``decide``)."""
+    def decide_full(self, beam_width: int = 1, beam_margin: float | None = None) -> Decision:
+        """Decide by re-encoding the kept frame history (full recomputation; same inputs and decoding as
+        ``decide``)."""
+        self._check_beam_margin(beam_margin)
         if not self._frames:
             raise PolicyInputError("decide_full() called before push_frames(): no frames since the last reset()")
         start = time.perf_counter()
@@ -425,16 +443,18 @@ class QTransformerPolicy:
         text, mask = self._resolve_text(self.instruction)
         with self._amp():
             state = self.net.encode(video, text, mask, self._history_proprio())
-            bins, q, all_q = self.net.decode(state, beam_width=beam_width, score=self.beam_score)
+            bins, q, all_q = self.net.decode(state, beam_width=beam_width, score=self.beam_score,
+                                             beam_margin=beam_margin)
         return self._decision(bins, q, all_q, start)
 
     # -- full recomputation ---------------------------------------------------------------------------
     @torch.inference_mode()
     def act(self, frames: Mapping[str, np.ndarray], instruction: str | None = None, beam_width: int = 1,
-            state: np.ndarray | None = None) -> Decision:
+            state: np.ndarray | None = None, beam_margin: float | None = None) -> Decision:
         """Decide from ``{camera: uint8 (F, 3, H, W)}`` and raw ``state`` ``(F, S)`` (oldest first; fewer
         than frame_history steps are padded by repeating the first). Stateless: the streaming history is
-        not touched."""
+        not touched. Decoding as in ``decide``."""
+        self._check_beam_margin(beam_margin)
         start = time.perf_counter()
         video = self._frames_tensor(frames, with_time=True)  # (c, f, 3, h, w)
         proprio = self._proprio_tensor(state, with_time=True)  # (f, p) or None
@@ -455,7 +475,8 @@ class QTransformerPolicy:
                                                    proprio)
             else:
                 state = self.net.encode(rearrange(video, "c f ch h w -> 1 c f ch h w"), text, mask, proprio)
-                bins, q, all_q = self.net.decode(state, beam_width=beam_width, score=self.beam_score)
+                bins, q, all_q = self.net.decode(state, beam_width=beam_width, score=self.beam_score,
+                                                 beam_margin=beam_margin)
         return self._decision(bins, q, all_q, start)
 
     @torch.inference_mode()

@@ -7,6 +7,7 @@ whose inputs changed.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -99,7 +100,14 @@ class DemoConfig:
     one core (benchmarks/README.md, "Learning, session 10"). The seven cloning checkpoints of runs C-I: 93 of
     420 greedily, 88 at width 8 ("Learning, session 11"): the beam neither helps nor hurts cloning, and no
     decoding is given to one policy and withheld from the other. The price of the beam is the value: within
-    a task its AUROC fell from 0.81 greedily to 0.56 (seven QT checkpoints, ``benchmarks/bench_decoding.py``)."""
+    a task its AUROC fell from 0.81 greedily to 0.56 (seven QT checkpoints, ``benchmarks/bench_decoding.py``);
+    ``beam_margin`` is what pays it back."""
+    beam_margin: float = 0.05
+    """With ``beam_width`` > 1 the Q-Transformer acts on the beam's action only when its value beats the greedy
+    action's by more than this (``policy_node`` ``beam_margin``; -1 = always the beam's). Cloning's beam is
+    not guarded: its ranking is not a value. Why 0.05: on the seven QT checkpoints of runs C-I, 267 of 420
+    successes (greedy 180, unguarded width 8 226) with value AUROC 0.78 (0.60 within a task; unguarded 0.76
+    and 0.56); margins 0.02 and 0.1 gave 249 and 256 (benchmarks/README.md, "Learning, session 11")."""
     compare_bc: bool = True
     """Also train behaviour cloning (same data, network, steps and seed) and run it closed loop on the
     same seeds, so the table shows Q-learning next to cloning (``train_bc/``, ``eval_bc.jsonl``)."""
@@ -161,6 +169,10 @@ class DemoConfig:
             raise ValueError(f"DemoConfig.keep_still_steps = {self.keep_still_steps!r}: an integer >= 0, or None (keep all)")
         if not self.noise_levels or any(not (x >= 0) for x in self.noise_levels):
             raise ValueError(f"DemoConfig.noise_levels = {self.noise_levels}: need at least one std >= 0")
+        if not (isinstance(self.beam_margin, (int, float)) and not isinstance(self.beam_margin, bool)
+                and math.isfinite(self.beam_margin)):
+            raise ValueError(f"DemoConfig.beam_margin = {self.beam_margin!r}: must be a finite number "
+                             "(-1 = always the beam's action)")
         if not (isinstance(self.conservative_weight, (int, float)) and self.conservative_weight >= 0):
             raise ValueError(f"DemoConfig.conservative_weight = {self.conservative_weight!r}: must be a number >= 0")
         if self.objective not in ("q_learning", "bc"):

@@ -93,6 +93,7 @@ def stage_key(cfg: DemoConfig, stage: str) -> dict[str, Any]:
                "max_episode_steps": cfg.max_episode_steps}
         if cfg.beam_width != 1:
             key["beam_width"] = cfg.beam_width
+            key["beam_margin"] = cfg.beam_margin
         return key
     return {}
 
@@ -358,7 +359,7 @@ def evaluate(cfg: DemoConfig) -> dict[str, Any]:
     if not cfg.checkpoint.exists():
         raise StageError(f"eval: no checkpoint at {cfg.checkpoint}; run the train stage")
     loops = [LoopRun("closed loop", cfg.checkpoint, cfg.eval_log, cfg.domain_id, keep_frames=True,
-                     beam_width=cfg.beam_width)]
+                     beam_width=cfg.beam_width, beam_margin=cfg.beam_margin)]
     if cfg.compare_bc and cfg.checkpoint_bc.exists():
         loops.append(LoopRun("closed loop BC", cfg.checkpoint_bc, cfg.eval_bc_log, cfg.bc_domain_id, keep_frames=False,
                              beam_width=cfg.beam_width))
@@ -400,6 +401,9 @@ class LoopRun:
     keep_frames: bool
     beam_width: int = 1
     """The policy node's ``beam_width`` (1 = greedy)."""
+    beam_margin: float | None = None
+    """The policy node's ``beam_margin`` (None: always the beam's action). A cloning checkpoint's node
+    ignores it, and says so in its log."""
     connected: threading.Event = field(default_factory=threading.Event)
     """Set once the loop's nodes answer (or it failed): the next loop may start its nodes."""
     cancel: bool = False
@@ -450,9 +454,11 @@ def closed_loop(cfg: DemoConfig, run: LoopRun, bar_position: int, t0: float) -> 
         nodes.start("sim_node", "q_transformer_ros.ros.sim_node", _sim_params(cfg), logs / f"{tag}_sim_node.log", domain)
         nodes.start("policy_node", "q_transformer_ros.ros.policy_node",
                     {"checkpoint": str(checkpoint.resolve()), "device": cfg.device, "enable_on_start": False,
-                     "beam_width": run.beam_width, **_clock_params(cfg)},
+                     "beam_width": run.beam_width, "beam_margin": -1.0 if run.beam_margin is None else run.beam_margin,
+                     **_clock_params(cfg)},
                     logs / f"{tag}_policy_node.log", domain)
-        decoding = "greedy" if run.beam_width == 1 else f"beam width {run.beam_width}"
+        decoding = ("greedy" if run.beam_width == 1 else f"beam width {run.beam_width}"
+                    + ("" if run.beam_margin is None else f", margin {run.beam_margin:g}"))
         _say(f"eval: sim_node + policy_node ({checkpoint}, {decoding}) started (ROS_DOMAIN_ID={domain}, logs in {logs})")
         if not ros.decisions_available:
             _say("eval: WARNING: q_transformer_ros/Decision is not built (scripts/colcon_build.sh): "
@@ -518,7 +524,9 @@ def report(cfg: DemoConfig) -> dict[str, Any]:
              f"{', '.join(f'{x:g}' for x in cfg.noise_levels)}; operators {', '.join(cfg.operators)}), "
              f"{cfg.train_steps} training steps ({cfg.model_preset}), "
              f"{cfg.eval_episodes} closed-loop episodes per task on held-out seeds"
-             + (f", decoded with beam width {cfg.beam_width}" if cfg.beam_width > 1 else ", decoded greedily")
+             + (f", decoded with beam width {cfg.beam_width} (QT acts on the beam's action only when its value "
+                f"beats the greedy action's by more than {cfg.beam_margin:g})" if cfg.beam_width > 1
+                else ", decoded greedily")
              + (bc_note if "BC" in policies else "."), "",
              "```", table, "```", "", "Calibration of the closed-loop predicted value (episode mean):", "",
              "```", calib, "```", "", "Stage wall times (s): " +

@@ -65,7 +65,7 @@ from rcl_interfaces.msg import SetParametersResult
 from std_msgs.msg import String
 from std_srvs.srv import SetBool
 
-from q_transformer_ros.control.loop import MAX_INSTRUCTION_CHARS, ControlLoop, LoopConfig, StepReport
+from q_transformer_ros.control.loop import MAX_INSTRUCTION_CHARS, ControlLoop, LoopConfig, StepReport, decoding_for
 from q_transformer_ros.contract import CameraSpec, RobotContract
 from q_transformer_ros.data.image import frame_from_msg
 from q_transformer_ros.data.messages import JointNotInMessage, read_field
@@ -194,8 +194,12 @@ class _PolicyCore:
                                                        "'CPUExecutionProvider'] (backend 'onnxruntime').")
         d("beam_width", 1, "Action decoding: 1 = greedy per dim (the Q-Transformer's); k > 1 = beam search keeping the "
                            "k best partial actions, the action with the highest last-dim Q wins (a cloning checkpoint's: "
-                           "the most likely action); slower decisions, and a predicted value that no longer tells "
-                           "failing attempts apart (docs/policy_node.md).")
+                           "the most likely action); slower decisions (docs/policy_node.md).")
+        d("beam_margin", 0.05, "With beam_width > 1: act on the beam's action only when its value beats the greedy "
+                               "action's by more than this, else on the greedy action. 0.05 measured best (more "
+                               "successes than greedy, a value that still ranks outcomes); -1 = always the beam's "
+                               "action, whose value then no longer tells failing attempts apart. Not for cloning "
+                               "checkpoints (their beam ranks by log-probability).")
         d("max_instruction_chars", MAX_INSTRUCTION_CHARS, "Longer instructions are rejected with a warning (the "
                                                           "node does not command until a valid one arrives).")
         # dynamic typing: on the command line "compile_mode:=off" arrives as the YAML 1.1 boolean false
@@ -276,9 +280,12 @@ class _PolicyCore:
         ]
         self._command_pubs: list[Any] = []
         self._closing = False
+        beam_width = int(p("beam_width"))
+        beam_margin, self.decoding = decoding_for(beam_width, float(p("beam_margin")),
+                                                  getattr(policy, "beam_score", "q"))
         self.loop = ControlLoop(
             policy, LoopConfig(self.control_rate_hz, self.max_frame_age_s, bool(p("use_streaming")),
-                               int(p("max_instruction_chars")), beam_width=int(p("beam_width"))),
+                               int(p("max_instruction_chars")), beam_width=beam_width, beam_margin=beam_margin),
             clock_ns=lambda: self.get_clock().now().nanoseconds, publish=self._publish_commands,
             report=self._publish_decision, log=_NodeLog(self), output_groups=[g.dims for g in self.outputs])
         self.loop.set_enabled(enabled)
@@ -335,6 +342,7 @@ class _PolicyCore:
             f"instruction topic {self.instruction_topic}, outputs "
             f"{[(g.topic, g.msg_type.split('/')[-1]) for g in self.outputs]}, "
             f"{self.control_rate_hz} Hz, max frame age {self.max_frame_age_s} s, stop '{c.stop_behaviour}', "
+            f"decoding: {self.decoding}, "
             f"{'commanding' if enabled and active else 'not commanding yet (~/enable true, or activate when managed)'}"
         )
 

@@ -121,7 +121,7 @@ class DecidingPolicy(Protocol):
 
     def reset(self, instruction: str | None = None) -> None: ...
     def push(self, observation: Observation) -> None: ...
-    def decide(self, beam_width: int = 1) -> Any: ...
+    def decide(self, beam_width: int = 1, beam_margin: float | None = None) -> Any: ...
 
 
 @dataclass
@@ -134,17 +134,21 @@ class PolicyEpisode:
     """The decision's predicted value at every step."""
 
 
-def run_policy_episode(policy: DecidingPolicy, env: MetaWorldEnvironment, seed: int, beam_width: int = 1) -> PolicyEpisode:
-    """Reset ``env`` at layout ``seed`` and let ``policy`` act on every observation (``decide(beam_width)``)
-    until the episode succeeds or is truncated. Why one function: the benchmarks' ROS-free closed loops
+def run_policy_episode(policy: DecidingPolicy, env: MetaWorldEnvironment, seed: int, beam_width: int = 1,
+                       beam_margin: float | None = None) -> PolicyEpisode:
+    """Reset ``env`` at layout ``seed`` and let ``policy`` act on every observation (``decide(beam_width)``,
+    with ``beam_margin`` when one is given) until the episode succeeds or is truncated. Why one function: the benchmarks' ROS-free closed loops
     (bench_learning, bench_decoding) must run the same loop to be comparable with each other; the ROS
     closed loop (``ros.episode_driver``) matched it episode for episode (benchmarks/README.md, session 9)."""
     instruction, obs = env.reset(seed)
     policy.reset(instruction)
     values: list[float] = []
+    decoding: dict[str, Any] = {"beam_width": beam_width}
+    if beam_margin is not None:
+        decoding["beam_margin"] = beam_margin
     while True:
         policy.push(obs)
-        decision = policy.decide(beam_width=beam_width)
+        decision = policy.decide(**decoding)
         values.append(round(float(decision.value), 5))
         obs, _reward, terminated, truncated, info = env.step(np.asarray(decision.action, dtype=np.float32))
         if terminated or truncated:

@@ -140,24 +140,3 @@ def test_decoding_rolls_out_each_width_on_the_runs_layouts_and_caches(tmp_path: 
     assert bench_decoding.main([str(run), "--beam-widths", "3", "1", "--max-episode-steps", "4"]) == 0
     with pytest.raises(SystemExit, match="train_bc/checkpoint.pt"):
         bench_decoding.main([str(run), "--policy", "bc", "--beam-widths", "1"])
-
-
-def test_margin_beam_acts_on_the_beam_only_when_its_value_is_higher_by_more_than_the_margin() -> None:
-    import bench_decoding  # noqa: PLC0415
-
-    class Fixed:
-        """A policy whose greedy and beam decisions have fixed values."""
-
-        def __init__(self, greedy: float, beam: float) -> None:
-            self.values = {1: greedy, 8: beam}
-            self.calls: list[int] = []
-
-        def decide(self, beam_width: int = 1):  # noqa: ANN201
-            self.calls.append(beam_width)
-            return type("D", (), {"value": self.values[beam_width], "width": beam_width})()
-
-    assert bench_decoding.MarginBeam(Fixed(0.50, 0.60), 0.05).decide(beam_width=8).width == 8
-    assert bench_decoding.MarginBeam(Fixed(0.50, 0.54), 0.05).decide(beam_width=8).width == 1
-    fixed = Fixed(0.5, 0.5)
-    bench_decoding.MarginBeam(fixed, 0.0).decide(beam_width=8)
-    assert fixed.calls == [1, 8]  # both decoded from the same pushed frames

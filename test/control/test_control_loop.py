@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from q_transformer_ros.control.loop import ControlLoop, LoopConfig, StepReport
+from q_transformer_ros.control.loop import ControlLoop, LoopConfig, StepReport, decoding_for
 from q_transformer_ros.contract import parse_contract
 
 MS = 1_000_000
@@ -193,6 +193,25 @@ def test_beam_width_reaches_the_policy_and_greedy_asks_nothing_extra() -> None:
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="beam_width"):
             LoopConfig(10.0, 0.3, beam_width=bad)
+    guarded = make_rig(beam_width=4, beam_margin=0.05)
+    run_ok(guarded, 1)
+    assert guarded.policy.decide_kwargs == [{"beam_width": 4, "beam_margin": 0.05}]
+    margin_alone = make_rig(beam_margin=0.05)  # greedy: nothing to guard, nothing extra asked
+    run_ok(margin_alone, 1)
+    assert margin_alone.policy.decide_kwargs == [{}]
+    for bad in (float("nan"), float("inf"), "0.05", True):
+        with pytest.raises(ValueError, match="beam_margin"):
+            LoopConfig(10.0, 0.3, beam_width=4, beam_margin=bad)
+
+
+def test_decoding_for_guards_a_q_beam_and_leaves_greedy_and_cloning_beams_alone() -> None:
+    """The node's parameters -> the loop's margin: a margin only where it means something (a beam ranked
+    by Q), and the decoding in words for the start-up log."""
+    assert decoding_for(1, 0.05, "q") == (None, "greedy per action dim")
+    margin, words = decoding_for(8, 0.05, "q")
+    assert margin == 0.05 and "width 8" in words and "more than 0.05" in words
+    margin, words = decoding_for(8, 0.05, "log_prob")
+    assert margin is None and "cloning checkpoint: beam_margin does not apply" in words
 
 
 def test_stale_camera_stops_once_with_reason_then_recovers_with_a_fresh_history() -> None:

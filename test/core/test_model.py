@@ -118,6 +118,42 @@ def test_beam_width_one_is_greedy_and_wide_beam_is_no_worse() -> None:
     assert torch.all(q[:, -1] >= greedy[1][:, -1] - 1e-6)
 
 
+def test_beam_margin_acts_on_the_beam_only_where_its_value_beats_greedy_by_more_than_the_margin() -> None:
+    """Per row: the beam's whole decision (bins, Q, all_q) where beam value - greedy value > margin, else
+    the greedy one. A margin between two rows' gains splits the batch; -1 is the plain beam, +1 greedy."""
+    net = make_net(seed=5, num_action_dims=3, action_bins=(6, 6, 6))
+    frames, text, mask, _ = inputs(net, batch=16)
+    with torch.no_grad():
+        state = net.encode(frames, text, mask)
+        greedy, beam = net.decode(state), net.decode(state, beam_width=4)
+        gain = beam[1][:, -1] - greedy[1][:, -1]
+        assert torch.all(gain >= -1e-6)
+        assert (gain > 1e-4).sum() >= 2, "random weights should give the beam a gain on some rows"
+        gains = gain[gain > 1e-4].sort().values
+        margin = float((gains[0] + gains[-1]) / 2)  # some rows above it, some below
+        guarded = net.decode(state, beam_width=4, beam_margin=margin)
+        plain = net.decode(state, beam_width=4, beam_margin=-1.0)
+        never = net.decode(state, beam_width=4, beam_margin=1.0)
+        width_one = net.decode(state, beam_margin=margin)  # width 1: the margin has nothing to guard
+    take = gain > margin
+    assert 0 < int(take.sum()) < 16
+    for g, b, got in zip(greedy, beam, guarded):
+        assert torch.equal(got[take], b[take]) and torch.equal(got[~take], g[~take])
+    for ref, got in [*zip(beam, plain), *zip(greedy, never), *zip(greedy, width_one)]:
+        assert torch.equal(ref, got)
+
+
+def test_beam_margin_refuses_a_cloning_beam_and_nan() -> None:
+    net = make_net()
+    frames, text, mask, _ = inputs(net)
+    with torch.no_grad():
+        state = net.encode(frames, text, mask)
+        with pytest.raises(ValueError, match="log_prob"):
+            net.decode(state, beam_width=2, score="log_prob", beam_margin=0.05)
+        with pytest.raises(ValueError, match="NaN"):
+            net.decode(state, beam_width=2, beam_margin=float("nan"))
+
+
 @pytest.mark.parametrize("dual", [False, True])
 def test_log_prob_beam_finds_the_most_likely_whole_action_of_a_cloning_network(dual: bool) -> None:
     """score='log_prob' (cloning): an exhaustive beam returns the action with the highest summed per-dim

@@ -193,6 +193,33 @@ def test_a_cloning_checkpoint_beam_searches_by_log_probability(tmp_path) -> None
     np.testing.assert_array_equal(qt.decide(beam_width=5).bins, by_q)
     # greedy decoding is the same rule for both: the per-dim argmax
     np.testing.assert_array_equal(bc.decide().bins, qt.decide().bins)
+    # a margin compares values, which a cloning beam does not rank by: refused by name, on every path
+    for call in (lambda: bc.decide(beam_width=5, beam_margin=0.05), lambda: bc.decide_full(beam_width=5, beam_margin=0.0),
+                 lambda: bc.act(window(frames, 2, 3), "push the button", beam_width=5, beam_margin=0.05)):
+        with pytest.raises(PolicyInputError, match="cloning checkpoint"):
+            call()
+
+
+def test_beam_margin_keeps_the_greedy_action_unless_the_beam_gains_more_than_it() -> None:
+    """decide, decide_full and act: with a margin below the beam's value gain at this state the beam's
+    action, above it the greedy action and value; the same on every path."""
+    policy = make_policy(seed=4)
+    frames = episode(3, seed=5)
+    policy.reset("push the button")
+    for step in frames:
+        policy.push_frames(step)
+    greedy, beam = policy.decide(), policy.decide(beam_width=5)
+    gain = beam.value - greedy.value
+    assert gain > 1e-4 and not np.array_equal(greedy.bins, beam.bins), "pick weights where the beam gains"
+    paths = (lambda m: policy.decide(beam_width=5, beam_margin=m), lambda m: policy.decide_full(beam_width=5, beam_margin=m),
+             lambda m: policy.act(window(frames, 2, 3), "push the button", beam_width=5, beam_margin=m))
+    for path in paths:
+        below, above = path(gain / 2), path(gain * 2)
+        np.testing.assert_array_equal(below.bins, beam.bins)
+        np.testing.assert_array_equal(above.bins, greedy.bins)
+        assert above.value == pytest.approx(greedy.value, abs=1e-5) and below.value == pytest.approx(beam.value, abs=1e-5)
+    with pytest.raises(PolicyInputError, match="must be a number"):
+        policy.decide(beam_width=5, beam_margin="0.05")
 
 
 def test_fixed_text_instruction_is_used_when_none_given() -> None:

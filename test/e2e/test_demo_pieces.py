@@ -184,8 +184,11 @@ def test_stage_key_changes_redo_downstream(tmp_path: Path) -> None:
     eval_key = st.stage_key(cfg, "eval")  # the decoding changes the closed loop, not training
     assert eval_key != st.stage_key(cfg.with_(beam_width=1), "eval")
     assert train_key == st.stage_key(cfg.with_(beam_width=1), "train")
+    assert eval_key != st.stage_key(cfg.with_(beam_margin=-1.0), "eval")
     with pytest.raises(ValueError, match="beam_width"):
         cfg.with_(beam_width=0)
+    with pytest.raises(ValueError, match="beam_margin"):
+        cfg.with_(beam_margin=float("nan"))
     st.write_marker(cfg, "record", st.stage_key(cfg, "record"), 1.0, {})  # record redone: new output id
     assert st.stage_key(cfg, "convert") != convert_key
     st.clear_stage(cfg, "convert")
@@ -238,6 +241,7 @@ def _fake_loops(monkeypatch: pytest.MonkeyPatch, bc_fails: bool) -> dict[str, in
         label = run.label
         domains[label] = run.domain_id
         domains[label + " beam"] = run.beam_width
+        domains[label + " margin"] = run.beam_margin
         run.connected.set()
         both.wait()
         if bc_fails and label.endswith("BC"):
@@ -267,10 +271,12 @@ def test_eval_runs_qt_and_bc_loops_side_by_side_in_two_domains(tmp_path: Path, m
         ckpt.write_bytes(b"not read by the fake loop")
     domains = _fake_loops(monkeypatch, bc_fails=False)
     out = st.evaluate(cfg)  # the barrier would time out (BrokenBarrierError) if the loops ran one after the other
-    # both decode with the config's beam width (the policy picks what cloning's beam ranks by): a fair comparison
+    # both decode with the config's beam width (the policy picks what cloning's beam ranks by): a fair
+    # comparison; the margin guards a beam ranked by values, the Q-Transformer's
     assert domains == {"closed loop": DOMAIN_QUICK, "closed loop BC": DOMAIN_QUICK + 1,
-                       "closed loop beam": cfg.beam_width, "closed loop BC beam": cfg.beam_width}
-    assert cfg.beam_width > 1
+                       "closed loop beam": cfg.beam_width, "closed loop BC beam": cfg.beam_width,
+                       "closed loop margin": cfg.beam_margin, "closed loop BC margin": None}
+    assert cfg.beam_width > 1 and cfg.beam_margin == 0.05
     assert (out["episodes"], out["successes"], out["bc_successes"]) == (1, 1, 0)
     assert set(out["loops"]) == {"closed loop", "closed loop BC"}
 

@@ -343,14 +343,15 @@ def test_ee_arm_commands_type_size_range(ee: Harness) -> None:
 
 
 def test_beam_width_parameter_decodes_every_command_with_beam_search(policies) -> None:
-    """``beam_width:=3``: every decision of the real policy runs beam search, and its commands still reach
-    the robot as bin centres."""
+    """``beam_width:=3``: every decision of the real policy runs beam search, guarded by the default
+    ``beam_margin`` (0.05), and its commands still reach the robot as bin centres."""
     h = Harness(ee_contract(), policies["ee"], beam_width=3)
     try:
         h.policy.decide_kwargs = []
-        assert h.node.loop.config.beam_width == 3
+        assert (h.node.loop.config.beam_width, h.node.loop.config.beam_margin) == (3, 0.05)
+        assert "more than 0.05" in h.node.decoding
         start(h)
-        assert h.policy.decide_kwargs and all(k == {"beam_width": 3} for k in h.policy.decide_kwargs)
+        assert h.policy.decide_kwargs and all(k == {"beam_width": 3, "beam_margin": 0.05} for k in h.policy.decide_kwargs)
         centres = h.node.contract.bins_to_actions(np.stack([np.arange(8)] * 4, axis=1))
         assert any(np.isclose(h.robot.since("/t/ee_cmd", 0)[-1].twist.linear.x, centres[:, 0]))
     finally:

@@ -237,7 +237,8 @@ class QTransformerNet(nn.Module):
 
     # -- decoding -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def decode(self, state: Tensor, beam_width: int = 1, score: BeamScore = "q") -> tuple[Tensor, Tensor, Tensor]:
+    def decode(self, state: Tensor, beam_width: int = 1, score: BeamScore = "q",
+               beam_margin: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """state ``(b, s, d)`` -> (bins ``(b, n)`` long, q_chosen ``(b, n)``, all_q ``(b, n, a)``).
 
         Dims are chosen one at a time: dim i's bin maximizes Q_i(s, a_<i, a_i) (min over critics when
@@ -253,12 +254,20 @@ class QTransformerNet(nn.Module):
 
         Self-attention K/V of the action tokens is cached; the state's cross-attention K/V is computed
         once. ``all_q`` holds the Q of every bin of dim i given the chosen bins of dims < i (invalid
-        bins 0)."""
+        bins 0).
+
+        ``beam_margin`` (score ``'q'`` only) guards the beam: per row, the beam's action is returned only
+        when its value beats the greedy action's by more than the margin, else the greedy one (both from
+        the same ``state``). Why: where the network overrates some action, the beam is the search that
+        finds it, and its value then stays high on a failing attempt; a margin keeps the greedy action
+        (and its value) unless the beam's gain is large (benchmarks/README.md, "Learning, session 12")."""
         cfg = self.cfg
         if not isinstance(beam_width, int) or beam_width < 1:
             raise ValueError(f"beam_width = {beam_width!r}: must be an integer >= 1")
         if score not in ("q", "log_prob"):
             raise ValueError(f"beam score = {score!r}: must be 'q' or 'log_prob'")
+        if beam_margin is not None and beam_width > 1:
+            return self._decode_guarded(state, beam_width, score, float(beam_margin))
         if score == "log_prob" and cfg.value_bins != 1:
             raise ValueError(f"beam score 'log_prob' needs scalar logits per bin (value_bins = 1), this model has "
                              f"value_bins = {cfg.value_bins}")
@@ -307,6 +316,20 @@ class QTransformerNet(nn.Module):
                 tokens = [head.bin_token(i, chosen) for head in self.heads]
         pick = lambda t: rearrange(t, "(b w) ... -> b w ...", w=width)[:, 0]
         return pick(bins_hist), pick(q_hist), pick(all_hist)
+
+    def _decode_guarded(self, state: Tensor, beam_width: int, score: BeamScore,
+                        margin: float) -> tuple[Tensor, Tensor, Tensor]:
+        """``decode`` with a ``beam_margin``: greedy and beam decoded from one state, chosen per row."""
+        if score != "q":
+            raise ValueError(f"beam_margin compares values (the last dim's Q), and beam score {score!r} does not "
+                             "rank by them: a margin applies to a Q-Transformer's beam only")
+        if margin != margin:  # NaN would never pick the beam, silently
+            raise ValueError("beam_margin is NaN: must be a number (-1 = always the beam's action)")
+        greedy = self.decode(state)
+        beam = self.decode(state, beam_width=beam_width)
+        take_beam = beam[1][:, -1] - greedy[1][:, -1] > margin  # (b,)
+        return tuple(torch.where(rearrange(take_beam, "b -> b" + " 1" * (g.dim() - 1)), bm, g)
+                     for bm, g in zip(beam, greedy))
 
     def _decode_greedy(self, tokens: list[Tensor], ctxs: list, caches: list[list]) -> tuple[Tensor, Tensor, Tensor]:
         """``decode`` with beam width 1: same choices and numbers, without the beam bookkeeping
