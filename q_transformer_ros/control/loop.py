@@ -214,6 +214,9 @@ class ControlLoop:
         self._instruction = _Instruction()
         self._enabled = True
         self._active = True
+        self._moment_refused_ns: int | None = None
+        """Arrival time of the last decision moment refused because commanding was not allowed (disabled or
+        inactive), until a decision is made; ``set_enabled``/``set_active`` may then decide on it at once."""
 
         # state of the stepping thread only
         self._active_instruction: str | None = None
@@ -304,13 +307,29 @@ class ControlLoop:
         if error:
             self.log.error(f"instruction {text!r} cannot be used, not commanding: {error}")
 
-    def set_enabled(self, enabled: bool) -> None:
+    def set_enabled(self, enabled: bool) -> bool:
+        """Allow or forbid commanding (``~/enable``). True: commanding has just become allowed and a frame
+        that arrived while it was not is young enough to decide on now (``decide_on_allow``)."""
         with self._lock:
             self._enabled = bool(enabled)
+            return self._decide_on_allow()
 
-    def set_active(self, active: bool) -> None:
+    def set_active(self, active: bool) -> bool:
+        """Lifecycle activation; returns as ``set_enabled`` does."""
         with self._lock:
             self._active = bool(active)
+            return self._decide_on_allow()
+
+    def _decide_on_allow(self) -> bool:
+        """(Lock held.) Whether to decide now on the decision moment refused while commanding was not
+        allowed. Why: otherwise the first command waits for the next frame, and a robot or a sim that
+        waits for the answer to the frame it just sent (a sim on sim time after a reset) steps once without
+        one. Only a frame younger than half a control period: an answer later than that would be paired
+        with the next step (the pairing rule's tolerance); the staleness checks still apply to it."""
+        refused = self._moment_refused_ns
+        if not (self._enabled and self._active) or refused is None or self._decision_inputs is None:
+            return False
+        return self._clock_ns() - refused < self.config.period_ns // 2
 
     def request_step(self, decision: bool) -> bool:
         """Note that a step is wanted; True when a decision found the previous step still running (overrun)."""
@@ -445,7 +464,14 @@ class ControlLoop:
             if instruction != self._active_instruction and problem is None:
                 self._restart(instruction, "instruction changed")
             if not allowed:
+                if decision:
+                    step_frame = frames.get(self.step_camera)
+                    with self._lock:
+                        self._moment_refused_ns = None if step_frame is None else step_frame.received_ns
                 return self._stop_report(now, frames, instruction, "disabled (~/enable false or lifecycle inactive)", states)
+            if decision:
+                with self._lock:
+                    self._moment_refused_ns = None
             reason = problem or self.input_problem(now, frames, sources, instruction, states)
             if reason is not None:
                 return self._stop_report(now, frames, instruction, reason, states)

@@ -186,7 +186,9 @@ class EpisodeDriver(Node):
 
     def _on_decision(self, msg: Any) -> None:
         with self._lock:
-            if self._phase == "running" and msg.commanded:
+            # from the reset's answer on: the policy answers the reset's frame as soon as it is enabled,
+            # which may be before this driver's timer moved the episode to "running"
+            if self._phase in ("await_start", "running") and msg.commanded:
                 self._values.append(float(msg.value))
 
     def _on_image(self, msg: Image) -> None:

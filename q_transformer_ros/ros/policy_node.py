@@ -472,11 +472,13 @@ class _PolicyCore:
         return on_source
 
     def _on_enable(self, request: SetBool.Request, response: SetBool.Response) -> SetBool.Response:
-        self.loop.set_enabled(bool(request.data))
+        decide_now = self.loop.set_enabled(bool(request.data))
         response.success = True
         response.message = "enabled" if request.data else "disabled: stop sent, no further commands"
         self.get_logger().info(f"~/enable: {response.message}")
-        self._request_step(decision=False)  # the stop goes out now, not at the next frame
+        # the stop goes out now, not at the next frame; enabled, a frame that came while disabled is
+        # answered now if it is young enough (ControlLoop._decide_on_allow)
+        self._request_step(decision=decide_now)
         return response
 
     # ------------------------------------------------------------------------------------------
@@ -776,7 +778,8 @@ class ManagedPolicyNode(_PolicyCore, LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self.loop.set_active(True)
+        if self.loop.set_active(True):
+            self._request_step(decision=True)
         return super().on_activate(state)
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:

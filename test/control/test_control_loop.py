@@ -306,6 +306,40 @@ def test_disable_stops_and_enable_resumes() -> None:
     assert len(rig.published) == n + 1
 
 
+def test_enabling_answers_a_frame_that_came_while_disabled_if_it_is_young() -> None:
+    """A sim on sim time (or a robot) that sends its first frame just before ``~/enable true`` waits for
+    the answer to it: enabling decides on that frame at once, with a fresh history. A frame older than
+    half a period is left alone (its answer would be paired with the next step); so is one that was
+    already answered, and a disable never asks for a decision."""
+    rig = make_rig()
+    run_ok(rig, 2)
+    assert rig.loop.set_enabled(False) is False
+    rig.tick(decision=False)  # the stop goes out at once
+    resets, decisions = len(rig.policy.resets), len(rig.policy.decide_kwargs)
+    rig.clock.advance(100 * MS)
+    rig.joint(1.0)
+    assert rig.frames()  # the first frame of an episode, while disabled
+    report = rig.tick()
+    assert not report.commanded and len(rig.policy.decide_kwargs) == decisions
+    rig.clock.advance(20 * MS)  # the enable comes 20 ms later
+    assert rig.loop.set_enabled(True) is True
+    report = rig.tick(decision=True)
+    assert report.commanded and len(rig.policy.decide_kwargs) == decisions + 1
+    assert report.frames["front"].received_ns == rig.clock.t - 20 * MS  # the frame that came while disabled
+    assert len(rig.policy.resets) == resets + 1  # resumed after a stop: the history starts fresh
+    assert rig.loop.set_enabled(True) is False  # answered: nothing more to decide on
+
+    rig.loop.set_enabled(False)
+    rig.clock.advance(100 * MS)
+    rig.joint(1.0)
+    rig.frames()
+    rig.tick()
+    rig.clock.advance(60 * MS)  # more than half a period (50 ms): wait for the next frame
+    assert rig.loop.set_enabled(True) is False
+    rig.loop.set_active(False)
+    assert rig.loop.set_active(True) is False
+
+
 def test_too_long_instruction_is_rejected() -> None:
     rig = make_rig(max_instruction_chars=50)
     run_ok(rig)
