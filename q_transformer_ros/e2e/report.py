@@ -135,6 +135,19 @@ def value_auroc(values: Sequence[float], successes: Sequence[bool]) -> float:
     return float(wins / (len(pos) * len(neg)))
 
 
+def auroc_interval(auroc: float, positives: int, negatives: int, z: float = 1.96) -> tuple[float, float]:
+    """Hanley-McNeil (1982) interval of an AUROC (95 % for z = 1.96), clipped to [0, 1]; (NaN, NaN) when
+    undefined. Why: one demo run has ~60 episodes, and at an AUROC near 0.75 its interval is about
+    ±0.13, so a single run's AUROC above or below a threshold says little; the interval says how little."""
+    if math.isnan(auroc) or positives < 1 or negatives < 1:
+        return math.nan, math.nan
+    a = auroc
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    var = (a * (1 - a) + (positives - 1) * (q1 - a * a) + (negatives - 1) * (q2 - a * a)) / (positives * negatives)
+    half = z * math.sqrt(max(var, 0.0))
+    return max(0.0, a - half), min(1.0, a + half)
+
+
 def _interval(rate: float, n: int) -> str:
     if n <= 0 or math.isnan(rate):
         return "       "
@@ -191,8 +204,12 @@ def format_calibration(values: Sequence[float], successes: Sequence[bool], bins:
     for lo, hi, n, rate in calibration_bins(values, successes, bins):
         lines.append(f"[{lo:.1f}, {hi:.1f}{']' if hi >= 1 else ')'}      {n:>8}   {_pct(rate):>16}")
     auroc = value_auroc(values, successes)
-    lines.append("value AUROC (success vs failure): " + ("- (needs both successes and failures)"
-                                                          if math.isnan(auroc) else f"{auroc:.3f}"))
+    if math.isnan(auroc):
+        lines.append("value AUROC (success vs failure): - (needs both successes and failures)")
+    else:
+        wins = sum(bool(x) for v, x in zip(values, successes) if not math.isnan(float(v)))
+        lo, hi = auroc_interval(auroc, wins, sum(not math.isnan(float(v)) for v in values) - wins)
+        lines.append(f"value AUROC (success vs failure): {auroc:.3f} [{lo:.2f}-{hi:.2f}] (Hanley-McNeil 95 %)")
     return "\n".join(lines)
 
 

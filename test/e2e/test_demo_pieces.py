@@ -93,6 +93,20 @@ def test_wilson_interval_and_value_auroc() -> None:
     assert math.isnan(value_auroc([0.5, float("nan")], [True, False]))
 
 
+def test_auroc_interval_narrows_with_episodes_and_matches_hanley_mcneil() -> None:
+    from q_transformer_ros.e2e.report import auroc_interval, format_calibration
+
+    # Hanley & McNeil's formula by hand: A = 0.75, 40 and 40 cases, Q1 = 0.6, Q2 = 0.6429
+    # -> SE^2 = (0.1875 + 39 * 0.0375 + 39 * 0.0804) / 1600, SE = 0.0547
+    lo, hi = auroc_interval(0.75, 40, 40)
+    assert (hi - lo) / 2 / 1.96 == pytest.approx(0.0547, abs=2e-4)
+    small, large = auroc_interval(0.75, 10, 10), auroc_interval(0.75, 100, 100)
+    assert small[1] - small[0] > hi - lo > large[1] - large[0]
+    assert auroc_interval(1.0, 5, 5) == (1.0, 1.0) and all(math.isnan(x) for x in auroc_interval(0.7, 0, 5))
+    text = format_calibration([0.9, 0.8, 0.3, 0.7, 0.2], [True, True, False, True, False])
+    assert "value AUROC (success vs failure): 1.000 [1.00-1.00] (Hanley-McNeil 95 %)" in text
+
+
 def test_calibration_bins() -> None:
     bins = calibration_bins([0.05, 0.1, 0.5, 0.95, 1.0, float("nan")], [False, True, True, True, True, True], bins=5)
     assert [n for _, _, n, _ in bins] == [2, 0, 1, 0, 2]  # NaN dropped, 1.0 in the last bin
