@@ -309,7 +309,7 @@ class ControlLoop:
 
     def set_enabled(self, enabled: bool) -> bool:
         """Allow or forbid commanding (``~/enable``). True: commanding has just become allowed and a frame
-        that arrived while it was not is young enough to decide on now (``decide_on_allow``)."""
+        that arrived while it was not is young enough to decide on now (``_decide_on_allow``)."""
         with self._lock:
             self._enabled = bool(enabled)
             return self._decide_on_allow()
