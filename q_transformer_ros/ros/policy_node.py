@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import math
 import os
 import signal
 import sys
@@ -199,7 +200,8 @@ class _PolicyCore:
                                "action's by more than this, else on the greedy action. 0.05 measured best (more "
                                "successes than greedy, a value that still ranks outcomes); -1 = always the beam's "
                                "action, whose value then no longer tells failing attempts apart. Not for cloning "
-                               "checkpoints (their beam ranks by log-probability).")
+                               "checkpoints (their beam ranks by log-probability).",
+          dynamic_typing=True)  # "beam_margin:=-1" or ":=0" on the command line arrive as integers
         d("max_instruction_chars", MAX_INSTRUCTION_CHARS, "Longer instructions are rejected with a warning (the "
                                                           "node does not command until a valid one arrives).")
         # dynamic typing: on the command line "compile_mode:=off" arrives as the YAML 1.1 boolean false
@@ -280,9 +282,11 @@ class _PolicyCore:
         ]
         self._command_pubs: list[Any] = []
         self._closing = False
-        beam_width = int(p("beam_width"))
-        beam_margin, self.decoding = decoding_for(beam_width, float(p("beam_margin")),
-                                                  getattr(policy, "beam_score", "q"))
+        beam_width, margin_param = int(p("beam_width")), p("beam_margin")
+        if isinstance(margin_param, bool) or not isinstance(margin_param, (int, float)) or not math.isfinite(margin_param):
+            raise ValueError(f"parameter 'beam_margin' = {margin_param!r}: must be a finite number (default 0.05; "
+                             "-1 = always the beam's action)")
+        beam_margin, self.decoding = decoding_for(beam_width, float(margin_param), getattr(policy, "beam_score", "q"))
         self.loop = ControlLoop(
             policy, LoopConfig(self.control_rate_hz, self.max_frame_age_s, bool(p("use_streaming")),
                                int(p("max_instruction_chars")), beam_width=beam_width, beam_margin=beam_margin),

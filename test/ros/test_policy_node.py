@@ -358,6 +358,20 @@ def test_beam_width_parameter_decodes_every_command_with_beam_search(policies) -
         h.close()
 
 
+def test_beam_margin_parameter_takes_command_line_integers_and_refuses_non_numbers(policies) -> None:
+    """``beam_margin:=-1`` on a command line arrives as an integer: accepted (always the beam's action);
+    a string or NaN is refused by name at start."""
+    node = PolicyNode(policies["ee"], parameter_overrides=[Parameter("beam_width", value=4),
+                                                           Parameter("beam_margin", value=-1)])
+    try:
+        assert (node.loop.config.beam_width, node.loop.config.beam_margin) == (4, -1.0)
+    finally:
+        node.destroy_node()
+    for bad in ("wide", float("nan")):
+        with pytest.raises(ValueError, match="parameter 'beam_margin'"):
+            PolicyNode(policies["ee"], parameter_overrides=[Parameter("beam_margin", value=bad)])
+
+
 def test_joint_trajectory_delta_commands_and_hold_on_stale(joint: Harness) -> None:
     start(joint)
     c = joint.node.contract
