@@ -108,7 +108,7 @@ class DemoConfig:
     not guarded: its ranking is not a value. Why 0.05: on the seven QT checkpoints of runs C-I, 267 of 420
     successes (greedy 180, unguarded width 8 226) with value AUROC 0.78 (0.60 within a task; unguarded 0.76
     and 0.56); margins 0.02 and 0.1 gave 249 and 256 (benchmarks/README.md, "Learning, session 11"). Demo
-    runs J-M with it: QT 129 of 240, BC 35, value AUROC 0.66, 0.86, 0.82, 0.74 ("Learning, session 12")."""
+    runs J-N with it: QT 166 of 300, BC 45, value AUROC 0.66, 0.86, 0.82, 0.74, 0.67 ("Learning, session 12")."""
     compare_bc: bool = True
     """Also train behaviour cloning (same data, network, steps and seed) and run it closed loop on the
     same seeds, so the table shows Q-learning next to cloning (``train_bc/``, ``eval_bc.jsonl``)."""
