@@ -110,15 +110,22 @@ class LoopConfig:
             raise ValueError(f"max_instruction_chars = {self.max_instruction_chars}: must be >= 1")
         if not isinstance(self.beam_width, int) or isinstance(self.beam_width, bool) or self.beam_width < 1:
             raise ValueError(f"beam_width = {self.beam_width!r}: must be an integer >= 1 (1 = greedy decoding)")
-        if self.beam_margin is not None and not (isinstance(self.beam_margin, (int, float))
-                                                 and not isinstance(self.beam_margin, bool)
-                                                 and math.isfinite(self.beam_margin)):
-            raise ValueError(f"beam_margin = {self.beam_margin!r}: must be a finite number or None (values lie in "
-                             "[0, 1]; -1 = always the beam's action)")
+        if self.beam_margin is not None:
+            check_beam_margin(self.beam_margin, "beam_margin")
 
     @property
     def period_ns(self) -> int:
         return int(round(NS / self.control_rate_hz))
+
+
+def check_beam_margin(value: Any, where: str) -> float:
+    """``value`` as a beam margin (a finite number; values lie in [0, 1], so -1 always takes the beam's
+    action), else ValueError naming ``where``: the one check behind the loop's config, the node's
+    parameter and the demo's config."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{where} = {value!r}: must be a finite number (values lie in [0, 1]; "
+                         "-1 = always the beam's action)")
+    return float(value)
 
 
 def decoding_for(beam_width: int, beam_margin: float, beam_score: str) -> tuple[float | None, str]:

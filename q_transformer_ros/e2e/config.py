@@ -7,12 +7,12 @@ whose inputs changed.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from q_transformer_ros.control.loop import check_beam_margin
 from q_transformer_ros.sim.tasks import DEMO_TASKS, TASK_INSTRUCTIONS
 
 STAGES = ("record", "convert", "train", "eval", "report")
@@ -170,10 +170,7 @@ class DemoConfig:
             raise ValueError(f"DemoConfig.keep_still_steps = {self.keep_still_steps!r}: an integer >= 0, or None (keep all)")
         if not self.noise_levels or any(not (x >= 0) for x in self.noise_levels):
             raise ValueError(f"DemoConfig.noise_levels = {self.noise_levels}: need at least one std >= 0")
-        if not (isinstance(self.beam_margin, (int, float)) and not isinstance(self.beam_margin, bool)
-                and math.isfinite(self.beam_margin)):
-            raise ValueError(f"DemoConfig.beam_margin = {self.beam_margin!r}: must be a finite number "
-                             "(-1 = always the beam's action)")
+        check_beam_margin(self.beam_margin, "DemoConfig.beam_margin")
         if not (isinstance(self.conservative_weight, (int, float)) and self.conservative_weight >= 0):
             raise ValueError(f"DemoConfig.conservative_weight = {self.conservative_weight!r}: must be a number >= 0")
         if self.objective not in ("q_learning", "bc"):

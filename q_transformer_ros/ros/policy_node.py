@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import math
 import os
 import signal
 import sys
@@ -66,7 +65,9 @@ from rcl_interfaces.msg import SetParametersResult
 from std_msgs.msg import String
 from std_srvs.srv import SetBool
 
-from q_transformer_ros.control.loop import MAX_INSTRUCTION_CHARS, ControlLoop, LoopConfig, StepReport, decoding_for
+from q_transformer_ros.control.loop import (
+    MAX_INSTRUCTION_CHARS, ControlLoop, LoopConfig, StepReport, check_beam_margin, decoding_for,
+)
 from q_transformer_ros.contract import CameraSpec, RobotContract
 from q_transformer_ros.data.image import frame_from_msg
 from q_transformer_ros.data.messages import JointNotInMessage, read_field
@@ -282,11 +283,9 @@ class _PolicyCore:
         ]
         self._command_pubs: list[Any] = []
         self._closing = False
-        beam_width, margin_param = int(p("beam_width")), p("beam_margin")
-        if isinstance(margin_param, bool) or not isinstance(margin_param, (int, float)) or not math.isfinite(margin_param):
-            raise ValueError(f"parameter 'beam_margin' = {margin_param!r}: must be a finite number (default 0.05; "
-                             "-1 = always the beam's action)")
-        beam_margin, self.decoding = decoding_for(beam_width, float(margin_param), getattr(policy, "beam_score", "q"))
+        beam_width = int(p("beam_width"))
+        beam_margin, self.decoding = decoding_for(beam_width, check_beam_margin(p("beam_margin"), "parameter 'beam_margin'"),
+                                                  getattr(policy, "beam_score", "q"))
         self.loop = ControlLoop(
             policy, LoopConfig(self.control_rate_hz, self.max_frame_age_s, bool(p("use_streaming")),
                                int(p("max_instruction_chars")), beam_width=beam_width, beam_margin=beam_margin),
