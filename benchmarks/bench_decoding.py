@@ -23,7 +23,8 @@ decoding alone).
 
 Table: per run and width, successes (Wilson 95 %), the value AUROC over all episodes, and the mean of the
 per-task AUROCs (tasks with both outcomes: within a task, the value has to rank episodes, not tasks);
-then all runs pooled. Episodes are cached in ``<run>/decoding/<policy>_beam<k>.jsonl`` (``--force``
+then all runs pooled. An episode's value is its mean over the first half of the step budget, as in the
+demo's report (``e2e.report.value_window``); the last column is the AUROC of whole-episode means. Episodes are cached in ``<run>/decoding/<policy>_beam<k>.jsonl`` (``--force``
 redoes); the table is also written to ``<first run>/decoding/results.md``.
 """
 
@@ -51,7 +52,7 @@ import torch  # noqa: E402
 import torchvision.ops  # noqa: E402,F401
 
 from q_transformer_ros.e2e.report import (  # noqa: E402
-    EpisodeRecord, read_records, value_auroc, wilson_interval, write_records, write_text_atomic,
+    EpisodeRecord, read_records, value_auroc, value_window, wilson_interval, write_records, write_text_atomic,
 )
 
 CHECKPOINT_DIRS = {"qt": "train", "bc": "train_bc"}
@@ -149,46 +150,55 @@ def roll_out(run: Path, policy_name: str, decoding: Decoding, steps: int, force:
     return records
 
 
-def within_task_auroc(records: Sequence[EpisodeRecord]) -> float:
-    """Mean over tasks (with both outcomes) of the AUROC of the episode-mean value within that task."""
-    per_task = [value_auroc([r.mean_value for r in records if r.task == t], [r.success for r in records if r.task == t])
+def within_task_auroc(records: Sequence[EpisodeRecord], window: int | None) -> float:
+    """Mean over tasks (with both outcomes) of the AUROC of the episodes' value within that task."""
+    per_task = [value_auroc([r.early_value(window) for r in records if r.task == t],
+                            [r.success for r in records if r.task == t])
                 for t in dict.fromkeys(r.task for r in records)]
     per_task = [a for a in per_task if not math.isnan(a)]
     return float(np.mean(per_task)) if per_task else math.nan
 
 
-def aurocs(records: Sequence[EpisodeRecord]) -> tuple[float, float]:
-    """(AUROC over all episodes, mean within-task AUROC) of one run's episodes."""
-    return value_auroc([r.mean_value for r in records], [r.success for r in records]), within_task_auroc(records)
+def aurocs(records: Sequence[EpisodeRecord], window: int) -> tuple[float, float, float]:
+    """(AUROC over all episodes, mean within-task AUROC, AUROC of whole-episode means) of one run's
+    episodes, the first two of each episode's value over its first ``window`` decisions."""
+    successes = [r.success for r in records]
+    return (value_auroc([r.early_value(window) for r in records], successes), within_task_auroc(records, window),
+            value_auroc([r.mean_value for r in records], successes))
 
 
-def table_row(name: str, width: str, successes: int, episodes: int, auroc: float, within: float) -> str:
+def table_row(name: str, width: str, successes: int, episodes: int, auroc: float, within: float, whole: float) -> str:
     lo, hi = wilson_interval(successes, episodes)
     fmt = lambda x: "-" if math.isnan(x) else f"{x:.3f}"  # noqa: E731
     return (f"| {name} | {width} | {successes}/{episodes} ({100 * successes / episodes:.0f} % "
-            f"[{100 * lo:.0f}-{100 * hi:.0f}]) | {fmt(auroc)} | {fmt(within)} |")
+            f"[{100 * lo:.0f}-{100 * hi:.0f}]) | {fmt(auroc)} | {fmt(within)} | {fmt(whole)} |")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     results: dict[tuple[str, Decoding], list[EpisodeRecord]] = {}
+    windows: dict[str, int] = {}
     for run in args.runs:
+        steps = max_episode_steps(run, args.max_episode_steps)
+        windows[run.name] = value_window(steps)
         for decoding in args.decodings:
-            results[run.name, decoding] = roll_out(run, args.policy, decoding,
-                                                   max_episode_steps(run, args.max_episode_steps), args.force)
+            results[run.name, decoding] = roll_out(run, args.policy, decoding, steps, args.force)
     lines = [f"bench_decoding: {args.policy} checkpoints of {len(args.runs)} demo run(s), ROS-free, on each run's "
-             "held-out layouts; value AUROC of the episode-mean predicted value, success vs failure", "",
-             "| run | beam width | success [Wilson 95 %] | value AUROC | within-task AUROC (mean) |",
-             "|---|---|---|---|---|"]
+             "held-out layouts; value AUROC (success vs failure) of each episode's mean predicted value over the "
+             f"first half of its step budget ({', '.join(sorted({str(w) for w in windows.values()}))} decisions), "
+             "and of whole-episode means", "",
+             "| run | beam width | success [Wilson 95 %] | value AUROC | within-task AUROC (mean) | AUROC, whole episodes |",
+             "|---|---|---|---|---|---|"]
     for run in args.runs:
         for decoding in args.decodings:
             recs = results[run.name, decoding]
-            lines.append(table_row(run.name, decoding.label, sum(r.success for r in recs), len(recs), *aurocs(recs)))
+            lines.append(table_row(run.name, decoding.label, sum(r.success for r in recs), len(recs),
+                                   *aurocs(recs, windows[run.name])))
     if len(args.runs) > 1:  # successes pooled; AUROCs are per model, so their mean over runs
         for decoding in args.decodings:
             recs = [results[run.name, decoding] for run in args.runs]
-            per_run = np.array([aurocs(r) for r in recs], dtype=np.float64)
+            per_run = np.array([aurocs(r, windows[run.name]) for r, run in zip(recs, args.runs)], dtype=np.float64)
             lines.append(table_row(f"{len(args.runs)} runs (AUROC: mean of runs)", decoding.label,
                                    sum(r.success for rs in recs for r in rs), sum(len(rs) for rs in recs),
                                    *np.nanmean(per_run, axis=0)))

@@ -46,7 +46,8 @@ import torchvision.ops  # noqa: E402,F401
 
 from q_transformer_ros.e2e.config import DemoConfig, default_contract_path  # noqa: E402
 from q_transformer_ros.e2e.report import (  # noqa: E402
-    EpisodeRecord, format_calibration, format_table, read_records, summarize, write_records, write_text_atomic,
+    EpisodeRecord, format_calibration, format_table, read_records, summarize, value_window, write_records,
+    write_text_atomic,
 )
 from q_transformer_ros.sim.operators import OPERATOR_STYLES  # noqa: E402
 from q_transformer_ros.sim.tasks import MT10_TASKS  # noqa: E402
@@ -297,17 +298,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         evals[name] = evaluate(args, name, ckpt, contract, out / name)
         timings[f"eval {name}"] = time.monotonic() - t0
 
-    rows = summarize(data, evals, args.tasks)
+    window = value_window(args.max_episode_steps)
+    rows = summarize(data, evals, args.tasks, window)
     table = format_table(rows)
-    calib = {n: format_calibration([e.mean_value for e in evals[n]], [e.success for e in evals[n]])
-             for n in names if n != "BC"}
+    calib = {n: format_calibration(evals[n], window) for n in names if n != "BC"}
     header = (f"bench_learning: {len(args.tasks)} tasks, {args.episodes_per_task} episodes/task (noise "
               f"{', '.join(f'{x:g}' for x in args.noise_levels)}), {args.train_steps} steps x batch {args.batch_size} "
               f"({args.model_preset}), {args.eval_episodes} held-out closed-loop episodes/task, device {args.device}"
               + (f", decoded with beam width {args.beam_width} (QT by Q, BC by log-probability)" if args.beam_width > 1 else ""))
     text = [header, "", table, ""]
-    text.append("V|success / V|failure: the Q-Transformer's mean predicted value (episode mean) on closed-loop "
-                "successes / failures; BC's 'value' is an action probability, not a success estimate.")
+    text.append(f"V|success / V|failure: the Q-Transformer's mean predicted value (each episode's first {window} "
+                "steps) on closed-loop successes / failures; BC's 'value' is an action probability, not a success "
+                "estimate.")
     for n, c in calib.items():
         text += ["", f"calibration of {n}'s predicted value:", c]
     text += ["", "wall seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())]

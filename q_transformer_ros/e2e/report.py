@@ -38,6 +38,14 @@ class EpisodeRecord:
         """Mean predicted value over the episode (NaN when no value was seen)."""
         return float(np.mean(self.values)) if self.values else math.nan
 
+    def early_value(self, window: int | None) -> float:
+        """Mean predicted value over the first ``window`` decisions (all of them for ``None``, or when the
+        episode ended sooner); NaN when no value was seen. See ``value_window`` for why."""
+        if window is not None and window < 1:
+            raise ValueError(f"early_value: window {window} must be >= 1 (None = the whole episode)")
+        vals = self.values if window is None else self.values[:window]
+        return float(np.mean(vals)) if vals else math.nan
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -59,14 +67,31 @@ class TaskRow:
     eval_success: dict[str, float]
     """Policy name -> closed-loop success rate."""
     value_success: float
-    """Mean predicted value over closed-loop episodes that succeeded (first policy; NaN if none)."""
+    """Mean predicted value (over each episode's value window) of closed-loop episodes that succeeded
+    (first policy; NaN if none)."""
     value_failure: float
-    """Mean predicted value over closed-loop episodes that failed (first policy; NaN if none)."""
+    """The same over closed-loop episodes that failed (first policy; NaN if none)."""
     value_auroc: float = math.nan
-    """AUROC of the first policy's episode-mean value, success vs failure, over this row's episodes (NaN
+    """AUROC of the first policy's per-episode value, success vs failure, over this row's episodes (NaN
     without both outcomes). Why per task too: the overall AUROC also rewards a value that only ranks tasks
     (an easy task's episodes high, a hard one's low); a task's own AUROC asks whether the value tells this
     task's successes from its failures."""
+
+
+def value_window(max_episode_steps: int) -> int:
+    """Decisions over which an episode's predicted value is averaged for calibration: the first half of
+    the episode's step budget.
+
+    Why not the whole episode: a failed episode runs to the budget, a successful one ends when it
+    succeeds, so a whole-episode mean compares different stretches of time. Late in a failure the
+    policy is often stuck next to the goal, and the Q there is the return of acting well from a state
+    near success (high), not of the stuck policy; the failure's extra steps then raise its mean. A
+    window of the same length for every episode asks what the value predicted early, before either
+    outcome is visible (an episode that ends sooner is averaged over its own steps). Measured on the
+    demo's closed loops with the beam margin (benchmarks/README.md, "Learning, session 13")."""
+    if max_episode_steps < 1:
+        raise ValueError(f"value_window: max_episode_steps {max_episode_steps} must be >= 1")
+    return max(1, max_episode_steps // 2)
 
 
 def _rate(flags: Sequence[bool]) -> float:
@@ -79,11 +104,12 @@ def _mean(xs: Sequence[float]) -> float:
 
 
 def summarize(data: Sequence[EpisodeRecord], evals: dict[str, Sequence[EpisodeRecord]],
-              tasks: Sequence[str] | None = None) -> list[TaskRow]:
+              tasks: Sequence[str] | None = None, window: int | None = None) -> list[TaskRow]:
     """One row per task (in ``tasks`` order, else first appearance) plus an ``overall`` row.
 
     Rates are per episode; the overall row pools all episodes (not an average of task rates). Value
-    columns use the first policy in ``evals`` (the Q-Transformer in the demo)."""
+    columns use the first policy in ``evals`` (the Q-Transformer in the demo), each episode's value
+    averaged over its first ``window`` decisions (``value_window``; None = the whole episode)."""
     if tasks is None:
         seen: dict[str, None] = {}
         for ep in list(data) + [e for eps in evals.values() for e in eps]:
@@ -98,9 +124,9 @@ def summarize(data: Sequence[EpisodeRecord], evals: dict[str, Sequence[EpisodeRe
         return TaskRow(
             task=name, data_episodes=len(d), data_success=_rate([e.success for e in d]),
             eval_episodes={p: len(v) for p, v in ev.items()}, eval_success={p: _rate([e.success for e in v]) for p, v in ev.items()},
-            value_success=_mean([e.mean_value for e in main if e.success]),
-            value_failure=_mean([e.mean_value for e in main if not e.success]),
-            value_auroc=value_auroc([e.mean_value for e in main], [e.success for e in main]),
+            value_success=_mean([e.early_value(window) for e in main if e.success]),
+            value_failure=_mean([e.early_value(window) for e in main if not e.success]),
+            value_auroc=value_auroc([e.early_value(window) for e in main], [e.success for e in main]),
         )
 
     rows = [row(t, lambda e, t=t: e.task == t) for t in tasks]
@@ -199,17 +225,31 @@ def calibration_bins(values: Sequence[float], successes: Sequence[bool], bins: i
     return out
 
 
-def format_calibration(values: Sequence[float], successes: Sequence[bool], bins: int = 5) -> str:
+def format_auroc(values: Sequence[float], successes: Sequence[bool]) -> str:
+    """'0.733 [0.61-0.86]': the AUROC with its Hanley-McNeil 95 % interval, or '-' without both outcomes."""
+    auroc = value_auroc(values, successes)
+    if math.isnan(auroc):
+        return "-"
+    kept = [bool(x) for v, x in zip(values, successes) if not math.isnan(float(v))]
+    lo, hi = auroc_interval(auroc, sum(kept), len(kept) - sum(kept))
+    return f"{auroc:.3f} [{lo:.2f}-{hi:.2f}]"
+
+
+def format_calibration(episodes: Sequence[EpisodeRecord], window: int | None = None, bins: int = 5) -> str:
+    """Reliability table and AUROC of the episodes' value over ``window`` (``value_window``); with a
+    window, also the AUROC of the whole-episode mean, so that the two can be compared on every run."""
+    values, successes = [e.early_value(window) for e in episodes], [e.success for e in episodes]
     lines = ["predicted value   episodes   observed success"]
     for lo, hi, n, rate in calibration_bins(values, successes, bins):
         lines.append(f"[{lo:.1f}, {hi:.1f}{']' if hi >= 1 else ')'}      {n:>8}   {_pct(rate):>16}")
-    auroc = value_auroc(values, successes)
-    if math.isnan(auroc):
+    auroc = format_auroc(values, successes)
+    if auroc == "-":
         lines.append("value AUROC (success vs failure): - (needs both successes and failures)")
-    else:
-        wins = sum(bool(x) for v, x in zip(values, successes) if not math.isnan(float(v)))
-        lo, hi = auroc_interval(auroc, wins, sum(not math.isnan(float(v)) for v in values) - wins)
-        lines.append(f"value AUROC (success vs failure): {auroc:.3f} [{lo:.2f}-{hi:.2f}] (Hanley-McNeil 95 %)")
+        return "\n".join(lines)
+    lines.append(f"value AUROC (success vs failure): {auroc} (Hanley-McNeil 95 %)")
+    if window is not None:
+        whole = format_auroc([e.mean_value for e in episodes], successes)
+        lines.append(f"  over whole episodes instead of the first {window} decisions: {whole}")
     return "\n".join(lines)
 
 
@@ -245,8 +285,10 @@ def write_records(path: Path, records: Iterable[EpisodeRecord]) -> None:
     write_text_atomic(path, "".join(json.dumps(r.to_dict()) + "\n" for r in records))
 
 
-def plot_value_vs_success(evals: dict[str, Sequence[EpisodeRecord]], path: Path) -> Path | None:
-    """Left: per-episode mean predicted value by outcome. Right: value over time, coloured by outcome."""
+def plot_value_vs_success(evals: dict[str, Sequence[EpisodeRecord]], path: Path,
+                          window: int | None = None) -> Path | None:
+    """Left: per-episode predicted value (mean over ``window`` decisions) by outcome. Right: value over
+    time, coloured by outcome, the window's end marked."""
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
@@ -258,17 +300,19 @@ def plot_value_vs_success(evals: dict[str, Sequence[EpisodeRecord]], path: Path)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     rng = np.random.default_rng(0)
     for x, ok, color in ((0, False, "tab:red"), (1, True, "tab:green")):
-        vals = [e.mean_value for e in eps if e.success == ok and e.values]
+        vals = [e.early_value(window) for e in eps if e.success == ok and e.values]
         ax1.scatter(x + rng.uniform(-0.12, 0.12, len(vals)), vals, color=color, alpha=0.8)
         if vals:
             ax1.hlines(np.mean(vals), x - 0.25, x + 0.25, color="black")
     ax1.set_xticks([0, 1], ["failure", "success"])
     ax1.set_xlim(-0.6, 1.6)
-    ax1.set_ylabel("mean predicted value (episode)")
+    ax1.set_ylabel("mean predicted value " + ("(episode)" if window is None else f"(first {window} steps)"))
     ax1.set_title("closed loop: predicted value vs outcome")
     for e in eps:
         if e.values:
             ax2.plot(e.values, color="tab:green" if e.success else "tab:red", alpha=0.6, lw=1)
+    if window is not None:
+        ax2.axvline(window, color="black", ls="--", lw=1)
     ax2.set_xlabel("control step")
     ax2.set_ylabel("predicted value")
     ax2.set_title("value over the episode (green: success)")

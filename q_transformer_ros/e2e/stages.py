@@ -26,7 +26,7 @@ from typing import Any, Callable
 from q_transformer_ros.e2e.config import STAGES, DemoConfig
 from q_transformer_ros.e2e.processes import NodeGroup
 from q_transformer_ros.e2e.report import (
-    EpisodeRecord, format_calibration, format_table, plot_value_vs_success, read_records, summarize,
+    EpisodeRecord, format_calibration, format_table, plot_value_vs_success, read_records, summarize, value_window,
     write_gif, write_records, write_text_atomic,
 )
 
@@ -507,11 +507,12 @@ def report(cfg: DemoConfig) -> dict[str, Any]:
     policies = {"QT": evals}
     if cfg.compare_bc and cfg.eval_bc_log.exists():
         policies["BC"] = read_records(cfg.eval_bc_log)
-    rows = summarize(data, policies, cfg.tasks)
+    window = value_window(cfg.max_episode_steps)
+    rows = summarize(data, policies, cfg.tasks, window)
     table = format_table(rows)
-    calib = format_calibration([e.mean_value for e in evals], [e.success for e in evals])
+    calib = format_calibration(evals, window)
     timings = {s: (read_marker(cfg, s) or {}).get("seconds") for s in STAGES if s != "report"}
-    plot = plot_value_vs_success({"QT": evals}, cfg.out / "value_vs_success.png") if evals else None
+    plot = plot_value_vs_success({"QT": evals}, cfg.out / "value_vs_success.png", window) if evals else None
     files = {
         "bags": cfg.bags_dir, "dataset": cfg.dataset_dir, "checkpoint": cfg.checkpoint,
         "training curves": cfg.train_dir / "metrics.png", "closed-loop episodes": cfg.eval_log,
@@ -528,13 +529,17 @@ def report(cfg: DemoConfig) -> dict[str, Any]:
                 f"beats the greedy action's by more than {cfg.beam_margin:g})" if cfg.beam_width > 1
                 else ", decoded greedily")
              + (bc_note if "BC" in policies else "."), "",
-             "```", table, "```", "", "Calibration of the closed-loop predicted value (episode mean):", "",
+             "```", table, "```", "",
+             f"Calibration of the closed-loop predicted value (V|success, V|failure, AUROC: each episode's mean "
+             f"over its first {window} decisions, half the step budget, so that failures' extra steps do not "
+             "weigh in):", "",
              "```", calib, "```", "", "Stage wall times (s): " +
              ", ".join(f"{s} {t:.0f}" for s, t in timings.items() if isinstance(t, (int, float))), "", "Files:", ""]
     lines += [f"- {k}: {v}" for k, v in files.items() if v is not None and Path(v).exists()]
     write_text_atomic(cfg.out / "report.md", "\n".join(lines) + "\n")
     write_text_atomic(cfg.out / "report.json", json.dumps(_nan_safe({
-        "rows": [r.__dict__ for r in rows], "timings_s": timings, "config": cfg.to_dict()}), indent=1))
+        "rows": [r.__dict__ for r in rows], "value_window": window, "timings_s": timings, "config": cfg.to_dict()}),
+        indent=1))
     print("\n" + table + "\n\n" + calib + "\n", flush=True)
     for k, v in files.items():
         if v is not None and Path(v).exists():

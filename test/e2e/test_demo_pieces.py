@@ -103,8 +103,37 @@ def test_auroc_interval_narrows_with_episodes_and_matches_hanley_mcneil() -> Non
     small, large = auroc_interval(0.75, 10, 10), auroc_interval(0.75, 100, 100)
     assert small[1] - small[0] > hi - lo > large[1] - large[0]
     assert auroc_interval(1.0, 5, 5) == (1.0, 1.0) and all(math.isnan(x) for x in auroc_interval(0.7, 0, 5))
-    text = format_calibration([0.9, 0.8, 0.3, 0.7, 0.2], [True, True, False, True, False])
+    eps = [_ep("a", ok, [v]) for v, ok in zip([0.9, 0.8, 0.3, 0.7, 0.2], [True, True, False, True, False])]
+    text = format_calibration(eps)
     assert "value AUROC (success vs failure): 1.000 [1.00-1.00] (Hanley-McNeil 95 %)" in text
+
+
+def test_value_window_judges_every_episode_over_the_same_early_stretch() -> None:
+    """The failure that plays out as real closed loops do: its value rises with the success's early on,
+    then the policy stalls beside the goal until the step budget runs out, its value high there. The
+    whole-episode mean ranks the failure above the success (it has more late, high steps); the value
+    over the first half of the budget ranks them right, and the report shows both numbers."""
+    from q_transformer_ros.e2e.report import format_calibration, value_window
+
+    assert value_window(120) == 60 and value_window(1) == 1
+    with pytest.raises(ValueError, match="max_episode_steps 0"):
+        value_window(0)
+    budget = 12
+    success = _ep("a", True, [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.97])  # succeeds at step 7
+    failure = _ep("a", False, [0.4, 0.5, 0.6, 0.7, 0.8, 0.85] + [0.99] * 6)  # stalls, runs to the budget
+    window = value_window(budget)
+    assert failure.mean_value > success.mean_value
+    assert success.early_value(window) > failure.early_value(window)
+    assert success.early_value(window) == pytest.approx(np.mean(success.values[:6]))
+    assert success.early_value(None) == success.mean_value and math.isnan(_ep("a", True).early_value(window))
+    with pytest.raises(ValueError, match="window 0"):
+        success.early_value(0)
+    row = summarize([], {"QT": [success, failure]}, ["a"], window)[0]
+    assert row.value_auroc == 1.0 and row.value_success == pytest.approx(success.early_value(window))
+    assert summarize([], {"QT": [success, failure]}, ["a"])[0].value_auroc == 0.0  # whole episodes
+    text = format_calibration([success, failure], window)
+    assert "value AUROC (success vs failure): 1.000" in text
+    assert "over whole episodes instead of the first 6 decisions: 0.000" in text
 
 
 def test_calibration_bins() -> None:
@@ -129,7 +158,7 @@ def test_records_round_trip_gif_and_plot(tmp_path: Path) -> None:
     read = imageio.mimread(gif)
     assert len(read) == 5 and read[0].shape[:2] == (32 + 6, 32)
     assert read[-1][-3, -1, 1] > 150 and read[0][-3, -1, 1] < 100  # value bar full at the end, empty at the start
-    plot = plot_value_vs_success({"QT": recs}, tmp_path / "v.png")
+    plot = plot_value_vs_success({"QT": recs}, tmp_path / "v.png", window=1)
     assert plot is not None and plot.stat().st_size > 1000
     assert plot_value_vs_success({"QT": [_ep("a", True)]}, tmp_path / "none.png") is None  # no values: no plot
 
