@@ -36,7 +36,7 @@ class EpisodeRecord:
     @property
     def mean_value(self) -> float:
         """Mean predicted value over the episode (NaN when no value was seen)."""
-        return float(np.mean(self.values)) if self.values else math.nan
+        return self.early_value(None)
 
     def early_value(self, window: int | None) -> float:
         """Mean predicted value over the first ``window`` decisions (all of them for ``None``, or when the
